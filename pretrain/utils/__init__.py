@@ -1,0 +1,1 @@
+"""Small shared utilities (config loading, logging) used by both `pretrain` and `curation`."""
