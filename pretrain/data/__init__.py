@@ -1,0 +1,1 @@
+"""Training data: WebDataset loading, multi-crop augmentation, masking and collate."""
