@@ -59,7 +59,7 @@ def _read_checkpoint(path: str) -> Mapping[str, Any]:
     """``torch.load(weights_only=True)`` from a local path (memory-mapped) or any fsspec URL."""
     protocol = fsspec.utils.get_protocol(path)
     if protocol in ("file", "local"):
-        local = fsspec.utils.strip_protocol(path)
+        local = fsspec.core.strip_protocol(path)
         try:
             return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
@@ -126,10 +126,10 @@ def build_backbone(name: str | None, weights: str | None = None, **overrides: An
         except FileNotFoundError:
             sidecar = {}
     if name is None:
-        if "name" not in sidecar:
+        if "config" not in sidecar:
             raise ValueError("build_backbone(None, weights=...) needs the <weights>.json sidecar of export_backbone")
-        name = sidecar["name"]
-        overrides = {**sidecar.get("config", {}), **overrides}
+        name = sidecar.get("name") or "vit_test"  # every architecture field is in the sidecar config
+        overrides = {**sidecar["config"], **overrides}
     if weights is None:
         return DinoVisionTransformer(backbone_config(name, **overrides))
 
@@ -180,6 +180,6 @@ def export_backbone(model: nn.Module | Mapping[str, torch.Tensor], path: str, *,
 
 def _guess_name(cfg: ViTConfig) -> str | None:
     for base, arch in ARCHS.items():
-        if all(getattr(cfg, k) == v for k, v in arch.items() if k != "img_size"):
+        if all(getattr(cfg, k) == v for k, v in arch.items() if k not in ("img_size", "depth")):
             return f"{base}_reg{cfg.num_register_tokens}" if cfg.num_register_tokens else base
     return None
