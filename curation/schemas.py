@@ -1,0 +1,83 @@
+"""Arrow schemas of every curation artifact, defined once.
+
+``SOURCES`` (``ingest/sources/part-*``): one row per source occurrence (file or tar member), before exact
+duplicates collapse. ``MANIFEST``: one row per unique accepted image (uid = sha1 of the bytes) with every URI it
+was found at; ``uri``/``container``/``offset``/``size`` locate the bytes to read back. ``REJECTS``: one row per
+rejected occurrence. ``embeddings(dim, dtype)``, ``DEDUP`` and ``DECONTAM`` follow the stages of the same names.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["DECONTAM", "DEDUP", "MANIFEST", "REJECTS", "SOURCES", "embeddings"]
+
+SOURCES = pa.schema(
+    [
+        ("uri", pa.string()),  # file URI, or "<tar uri>#<member name>" for tar members
+        ("container", pa.string()),  # tar shard URI for members, null for plain files
+        ("offset", pa.int64()),  # byte offset of the member data inside the tar, -1 for plain files
+        ("size", pa.int64()),  # bytes of the image
+        ("uid", pa.string()),  # sha1 hex of the bytes, null when the bytes could not be read
+        ("status", pa.string()),  # "ok" or "rejected"
+        ("reason", pa.string()),  # reject reason code, null when ok
+        ("detail", pa.string()),  # human-readable reject detail
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),  # PIL format name (JPEG, PNG, ...)
+        ("mode", pa.string()),  # PIL mode before conversion to RGB
+        ("n_frames", pa.int32()),
+    ]
+)
+
+MANIFEST = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("uris", pa.list_(pa.string())),  # every source URI holding these exact bytes, sorted
+        ("uri", pa.string()),  # primary location (first of ``uris``)
+        ("container", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("n_frames", pa.int32()),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("uid", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+DEDUP = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("component", pa.int64()),  # copy-detection component id (index of its first member, run-wide)
+        ("keep", pa.bool_()),  # kept by the keep policy and not contaminated
+        ("nearest_uid", pa.string()),  # most similar other pool image, null if none
+        ("score", pa.float32()),  # similarity to nearest_uid
+        ("contaminated", pa.bool_()),  # component touches a reference image
+    ]
+)
+
+DECONTAM = pa.schema(
+    [
+        ("uid", pa.string()),  # pool image
+        ("reference", pa.string()),  # reference set name
+        ("ref_uid", pa.string()),
+        ("ref_uri", pa.string()),
+        ("score", pa.float32()),
+    ]
+)
+
+
+def embeddings(dim: int, dtype: str) -> pa.Schema:
+    """Schema of ``embeddings/part-*``: uid and an L2-normalised fixed-size vector."""
+    value = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
+    return pa.schema([("uid", pa.string()), ("emb", pa.list_(value, dim))])

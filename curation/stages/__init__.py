@@ -1,0 +1,47 @@
+"""Stage registry and the run driver. Importing this package registers ingest, embed and dedupe; later stages
+register themselves with :func:`register_stage` and are run by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from curation.config import RunConfig
+from curation.stages.base import STAGES, Executor, LocalExecutor, Stage, merge_stats, register_stage
+from curation.stages.dedupe import DedupeStage
+from curation.stages.embed import EmbedStage
+from curation.stages.ingest import IngestStage
+
+__all__ = [
+    "STAGES",
+    "DedupeStage",
+    "EmbedStage",
+    "Executor",
+    "IngestStage",
+    "LocalExecutor",
+    "Stage",
+    "get_stage",
+    "merge_stats",
+    "register_stage",
+    "run_stages",
+]
+
+log = logging.getLogger(__name__)
+
+
+def get_stage(name: str) -> type[Stage]:
+    """The registered stage class called ``name``."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
+    return STAGES[name]
+
+
+def run_stages(config: RunConfig, run_dir: str, executor: Executor, names: list[str] | None = None) -> dict[str, Any]:
+    """Run ``names`` (default: ``config.stages``) in order into ``run_dir``; return each stage's success record."""
+    names = list(config.stages if names is None else names)
+    classes = [get_stage(n) for n in names]  # fail on a typo before any work
+    records = {}
+    for cls in classes:
+        records[cls.name] = cls(config, run_dir).execute(executor)
+    return records

@@ -1,0 +1,221 @@
+"""Ingest: list sources, hash and decode-check every image, collapse exact duplicates into a manifest.
+
+Step ``scan`` (one part per work unit: a chunk of loose files or one tar shard, streamed) writes
+``occurrences/part-N`` (one row per source occurrence, sorted by uid) and ``rejects/part-N``. Step ``collapse``
+(one part per uid range) groups the accepted occurrences by uid into ``manifest/part-N``: one row per unique
+image with every URI holding those bytes. Bad files become reject rows; nothing here fails the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict
+from functools import partial
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation import schemas
+from curation.config import IngestConfig, RunConfig
+from curation.decode import DecodeLimits, Rejected, inspect_image
+from curation.io.fs import get_fs, join, read_json, write_json, write_parquet
+from curation.io.parts import PartStore, part_name
+from curation.io.sources import IngestUnit, extension, member_uri, plan_units
+from curation.stages.base import Executor, Stage, merge_stats, register_stage
+
+__all__ = ["IngestStage", "check_bytes", "collapse_part", "manifest_parts", "scan_unit", "uid_range"]
+
+log = logging.getLogger(__name__)
+
+
+def check_bytes(uri: str, container: str | None, offset: int, data: bytes, limits: DecodeLimits) -> dict[str, Any]:
+    """One occurrence row: uid (sha1 of the bytes) and the decode check result."""
+    row = _row(uri, container, offset, len(data))
+    row["uid"] = hashlib.sha1(data).hexdigest()
+    result = inspect_image(data, limits)
+    if isinstance(result, Rejected):
+        row.update(status="rejected", reason=result.reason, detail=result.detail)
+    else:
+        row.update(width=result.width, height=result.height, format=result.format, mode=result.mode)
+        row["n_frames"] = result.n_frames
+    return row
+
+
+def _row(uri: str, container: str | None, offset: int, size: int, **kw: Any) -> dict[str, Any]:
+    row = dict.fromkeys(schemas.SOURCES.names)
+    row.update({"uri": uri, "container": container, "offset": offset, "size": size, "status": "ok", **kw})
+    return row
+
+
+def _rejected(uri: str, container: str | None, offset: int, size: int, reason: str, detail: str) -> dict[str, Any]:
+    return _row(uri, container, offset, size, status="rejected", reason=reason, detail=detail)
+
+
+def _check_file(uri: str, limits: DecodeLimits) -> dict[str, Any]:
+    fs, path = get_fs(uri)
+    try:
+        size = fs.size(path)
+        if size is not None and size > limits.max_file_bytes:
+            return _rejected(uri, None, -1, size, "too_large_file", f"{size} bytes > {limits.max_file_bytes}")
+        data = fs.cat_file(path)
+    except (OSError, ValueError) as exc:
+        return _rejected(uri, None, -1, -1, "unreadable", f"{type(exc).__name__}: {exc}")
+    return check_bytes(uri, None, -1, data, limits)
+
+
+def _scan_tar(tar: str, cfg: IngestConfig) -> tuple[list[dict[str, Any]], int]:
+    from curation.io.tar_stream import iter_tar_members
+
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    fs, path = get_fs(tar)
+    try:
+        with fs.open(path, "rb") as f:
+            for m in iter_tar_members(f, tar, max_member_bytes=cfg.decode.max_file_bytes):
+                uri = member_uri(tar, m.name)
+                if m.rejected_reason:
+                    rows.append(_rejected(uri, tar, m.offset_data, m.size, m.rejected_reason, m.detail))
+                elif extension(m.name) not in cfg.extensions:
+                    skipped += 1  # WebDataset side files (.json, .cls, .txt)
+                else:
+                    assert m.data is not None
+                    rows.append(check_bytes(uri, tar, m.offset_data, m.data, cfg.decode))
+    except (ValueError, OSError, EOFError) as exc:  # a broken shard costs its remaining members, never the run
+        log.warning("tar shard %s unreadable after %d members: %s", tar, len(rows), exc)
+        rows.append(_rejected(tar, None, -1, -1, "corrupt_tar", f"{type(exc).__name__}: {exc}"))
+    return rows, skipped
+
+
+def scan_unit(cfg: IngestConfig, units: list[IngestUnit], store: PartStore, config_hash: str, index: int) -> dict:
+    """Scan work unit ``index``: write its occurrences and rejects parts, then its marker; return stats."""
+    t0 = time.perf_counter()
+    unit = units[index]
+    if unit.kind == "tar":
+        rows, skipped = _scan_tar(unit.uris[0], cfg)
+    else:
+        rows, skipped = [_check_file(u, cfg.decode) for u in unit.uris], 0
+    table = pa.Table.from_pylist(rows, schema=schemas.SOURCES)
+    table = table.sort_by([("uid", "ascending"), ("uri", "ascending")])
+    write_parquet(store.data_url("occurrences", index), table)
+    rej = table.filter(pc.equal(table["status"], "rejected"))
+    write_parquet(store.data_url("rejects", index), rej.select(schemas.REJECTS.names).cast(schemas.REJECTS))
+    reasons = Counter(rej["reason"].to_pylist())
+    stats = {
+        "part": index,
+        "in": table.num_rows,
+        "out": table.num_rows - rej.num_rows,
+        "rejected": dict(sorted(reasons.items())),
+        "skipped_non_image": skipped,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    store.mark_done("scan", index, stats, config_hash)
+    return stats
+
+
+def uid_range(bucket: int, n_buckets: int) -> tuple[str, str | None]:
+    """``[lo, hi)`` uid bounds of a bucket, splitting the 32-bit uid prefix space evenly."""
+    lo = format(bucket * (1 << 32) // n_buckets, "08x")
+    hi = None if bucket == n_buckets - 1 else format((bucket + 1) * (1 << 32) // n_buckets, "08x")
+    return lo, hi
+
+
+def collapse_part(store: PartStore, n_scan: int, n_buckets: int, config_hash: str, bucket: int) -> dict:
+    """Group accepted occurrences whose uid falls in ``bucket`` into ``manifest/part-<bucket>``."""
+    t0 = time.perf_counter()
+    lo, hi = uid_range(bucket, n_buckets)
+    filters = [("status", "=", "ok"), ("uid", ">=", lo)] + ([("uid", "<", hi)] if hi else [])
+    pieces = []
+    for i in range(n_scan):
+        fs, path = get_fs(store.data_url("occurrences", i))
+        with fs.open(path, "rb") as f:
+            pieces.append(pq.read_table(f, filters=filters, schema=schemas.SOURCES))
+    occ = pa.concat_tables(pieces).sort_by([("uid", "ascending"), ("uri", "ascending")]) if pieces else None
+    rows: list[dict[str, Any]] = []
+    if occ is not None and occ.num_rows:
+        records = occ.to_pylist()
+        start = 0
+        for j in range(1, len(records) + 1):
+            if j == len(records) or records[j]["uid"] != records[start]["uid"]:
+                group = records[start:j]
+                first = group[0]
+                uris = sorted({r["uri"] for r in group})
+                rows.append({k: first[k] for k in schemas.MANIFEST.names if k in first} | {"uris": uris})
+                start = j
+    manifest = pa.Table.from_pylist(rows, schema=schemas.MANIFEST)
+    write_parquet(store.data_url("manifest", bucket), manifest)
+    n_in = 0 if occ is None else occ.num_rows
+    stats = {
+        "part": bucket,
+        "in": n_in,
+        "out": manifest.num_rows,
+        "duplicates": n_in - manifest.num_rows,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    store.mark_done("collapse", bucket, stats, config_hash)
+    return stats
+
+
+@register_stage
+class IngestStage(Stage):
+    """Sources -> ``manifest/`` (unique accepted images) + ``rejects/`` (+ ``occurrences/`` for lineage)."""
+
+    name = "ingest"
+    output = "manifest"
+    items_step = "scan"
+
+    def __init__(self, config: RunConfig, run_dir: str, prefix: str = "", sources: list[str] | None = None) -> None:
+        super().__init__(config, run_dir, prefix)
+        self.sources = list(config.ingest.sources if sources is None else sources)
+
+    def config_sections(self) -> tuple[Any, ...]:
+        return (self.config.ingest, self.sources)
+
+    def _plan(self) -> list[IngestUnit]:
+        """The work units, listed once and frozen in ``_work/ingest/plan.json`` so resumes see the same parts."""
+        url = join(self.store.work, "plan.json")
+        saved = read_json(url)
+        if saved is not None and saved.get("config_hash") == self.config_hash:
+            return [IngestUnit(u["kind"], tuple(u["uris"])) for u in saved["units"]]
+        if not self.sources:
+            raise ValueError("ingest.sources is empty: list directories, globs, tar shards or parquet URI lists")
+        cfg = self.config.ingest
+        units = plan_units(self.sources, cfg.extensions, cfg.uri_column, cfg.files_per_part)
+        write_json(url, {"config_hash": self.config_hash, "units": [asdict(u) for u in units]})
+        return units
+
+    def run(self, executor: Executor) -> dict[str, Any]:
+        cfg = self.config.ingest
+        units = self._plan()
+        scan = self.run_parts(
+            executor, "scan", len(units), partial(scan_unit, cfg, units, self.store, self.config_hash)
+        )
+        accepted = sum(s["out"] for s in scan)
+        n_buckets = max(1, math.ceil(accepted / cfg.rows_per_part))
+        collapse = self.run_parts(
+            executor, "collapse", n_buckets, partial(collapse_part, self.store, len(units), n_buckets, self.config_hash)
+        )
+        stats = merge_stats(scan)
+        unique = sum(s["out"] for s in collapse)
+        stats.update(
+            out=unique,
+            duplicates=accepted - unique,
+            skipped_non_image=sum(s.get("skipped_non_image", 0) for s in scan),
+            rows={"manifest": unique, "rejects": stats["in"] - accepted, "occurrences": stats["in"]},
+            manifest_parts=n_buckets,
+            scan_parts=len(units),
+        )
+        return stats
+
+
+def manifest_parts(store: PartStore) -> list[str]:
+    """URLs of the manifest parts of a finished ingest, in order."""
+    rec = read_json(store.success_url)
+    if rec is None:
+        raise ValueError(f"no finished ingest in {store.root}: run the ingest stage first")
+    return [join(store.root, "manifest", part_name(i)) for i in range(int(rec["manifest_parts"]))]

@@ -1,0 +1,97 @@
+"""Curation test fixtures: one in-process Ray per session, and real photos with synthetic copies."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+REPO = Path(__file__).resolve().parents[2]
+MATE = sorted(glob.glob("/usr/share/backgrounds/mate/nature/*.jpg"))
+# skimage sample photos (``cat`` is ``chelsea`` again, so it is left out).
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "brick", "grass", "gravel",
+                  "clock", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A session-wide in-process Ray: 2 CPUs, no dashboard, ~300 MB object store, private temp dir."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short path: Ray's unix sockets live under it
+    pythonpath = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 1024 * 1024,
+        _temp_dir=tmp,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@lru_cache(maxsize=4)
+def photos(max_side: int = 512) -> tuple[tuple[str, Image.Image], ...]:
+    """The 15 skimage sample photos and 12 mate backgrounds as RGB images with the long side <= ``max_side``."""
+    import skimage.data
+
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        arr = getattr(skimage.data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr
+        im = Image.fromarray(arr).convert("RGB")
+        im.thumbnail((max_side, max_side))
+        out.append((name, im))
+    for path in MATE:
+        im = Image.open(path)
+        im.draft("RGB", (max_side, max_side))
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side))
+        out.append((Path(path).stem, im))
+    return tuple(out)
+
+
+def jpeg_bytes(im: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_copy(im: Image.Image, rng: random.Random) -> tuple[bytes, list[str]]:
+    """A near-duplicate: 2-4 of JPEG q30-90, rescale to 50-90%, crop <=10% per side, h-flip, +-20%
+    brightness/contrast, grayscale; returns JPEG bytes and the edits applied."""
+    ops = rng.sample(["jpeg", "scale", "crop", "flip", "bc", "gray"], k=rng.randint(2, 4))
+    for op in ops:
+        if op == "scale":
+            s = rng.uniform(0.5, 0.9)
+            im = im.resize((max(1, int(im.width * s)), max(1, int(im.height * s))), Image.BILINEAR)
+        elif op == "crop":
+            w, h = im.size
+            left, top, right, bottom = (rng.uniform(0, 0.1) for _ in range(4))
+            im = im.crop((int(left * w), int(top * h), w - int(right * w), h - int(bottom * h)))
+        elif op == "flip":
+            im = ImageOps.mirror(im)
+        elif op == "bc":
+            im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
+            im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.8, 1.2))
+        elif op == "gray":
+            im = ImageOps.grayscale(im).convert("RGB")
+    return jpeg_bytes(im, rng.randint(30, 90) if "jpeg" in ops else 92), ops
