@@ -1,8 +1,8 @@
 """Tiny torch.distributed helpers that are safe to call in single-process code.
 
 Every helper checks :func:`is_dist` first, so code paths without a process group never issue a collective.
-Collectives whose result must carry gradients go through ``torch.distributed.nn`` (plain ``dist.all_gather``
-and ``dist.all_reduce`` have no backward, which silently breaks cross-rank losses).
+Collectives whose result must carry gradients need an autograd-aware gather (plain ``dist.all_gather`` has no
+backward, which silently breaks cross-rank losses): :func:`all_gather_with_grad`.
 """
 
 from __future__ import annotations
@@ -49,18 +49,35 @@ def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: concatenate every rank's tensor. Backward: sum the gradient over ranks, keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # all_reduce + slice rather than reduce_scatter, which gloo lacks; gathered features are small.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from all ranks along dim 0, differentiably (``torch.distributed.nn``).
+    """Concatenate ``tensor`` from all ranks along dim 0, differentiably.
 
     All ranks must pass the same shape (a ValueError names the mismatch). The backward sums, on each rank, the
     gradients every rank produced for that rank's slice, so with data-parallel gradient averaging the result
     equals the single-process gradient of the mean of the per-rank losses. Without a process group the input
-    is returned unchanged.
+    is returned unchanged. (Same semantics as ``torch.distributed.nn.functional.all_gather``, which torch 2.13
+    deprecates; this version uses only public collectives and works on gloo and NCCL.)
     """
     if not is_dist() or world_size() == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
-
     shape = torch.tensor(list(tensor.shape), dtype=torch.long, device=tensor.device)
     shapes = [torch.empty_like(shape) for _ in range(world_size())]
     dist.all_gather(shapes, shape)
@@ -69,4 +86,4 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
             f"all_gather_with_grad needs the same shape on every rank, got {[s.tolist() for s in shapes]}; "
             "use the same per-rank batch size"
         )
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(tensor)

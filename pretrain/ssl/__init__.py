@@ -1,0 +1,1 @@
+"""Self-supervised meta-architectures (student / EMA teacher, distillation) and collapse monitors."""
