@@ -311,7 +311,9 @@ def _decode_known(
         raise DecodeError("corrupt", f"{fmt} signature but Pillow cannot parse the header") from None
     bomb = _bomb_warned(caught)
     width, height = im.size
-    if bomb is not None or width * height > limits.max_pixels:
+    if bomb is not None:
+        raise DecodeError("too_many_pixels", f"{width}x{height}: above Pillow's Image.MAX_IMAGE_PIXELS ({bomb})")
+    if width * height > limits.max_pixels:
         raise DecodeError(
             "too_many_pixels", f"{width}x{height} = {width * height} pixels > max_pixels={limits.max_pixels}"
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["BOMB_SIDE", "PIXELS", "make_hostile_corpus", "no_writes", "png_bytes", "tar_bytes"]
+__all__ = ["BOMB_SIDE", "PIXELS", "corpus_uris", "make_hostile_corpus", "no_writes", "png_bytes", "tar_bytes"]
 
 #: Side of the square 1-bit PNG bomb: 9e8 pixels (~900 MB decoded) in ~110 KB.
 BOMB_SIDE = 30_000
@@ -273,6 +273,16 @@ def make_hostile_corpus(directory: str | Path) -> dict[str, str]:
     (out / "evil.tar").write_bytes(tar)
     expected.update(tar_expected)
     return expected
+
+
+def corpus_uris(directory: str | Path, expected: dict[str, str]) -> dict[str, str]:
+    """``expected`` keyed the way ingest records sources: ``<dir>/<file>`` and ``<dir>/evil.tar#<member>``."""
+    root = str(directory).rstrip("/")
+    out = {}
+    for name, outcome in expected.items():
+        tar, sep, member = name.partition("::")
+        out[f"{root}/{tar}#{member}" if sep else f"{root}/{name}"] = outcome
+    return out
 
 
 _WRITE_EVENTS = {"os.mkdir", "os.symlink", "os.link", "os.rename", "os.remove", "os.rmdir", "os.chmod", "os.utime"}

@@ -127,6 +127,16 @@ def test_truncated_jpeg_detected_at_every_cut_with_and_without_fast_verify(fast)
     assert isinstance(inspect_image(photo, limits), ImageInfo)
 
 
+def test_missing_end_markers_are_truncation_but_trailing_bytes_are_tolerated():
+    photo = astronaut_jpeg()
+    png = encode(Image.new("RGB", (64, 64), (3, 4, 5)), "PNG")
+    assert photo.endswith(b"\xff\xd9") and png.endswith(b"IEND\xaeB`\x82")
+    for data in (photo[:-2], photo[:-1], png[:-12]):
+        assert outcome(inspect_image(data, DecodeLimits())) == "reject:truncated"
+    assert outcome(inspect_image(photo + b"trailing junk", DecodeLimits())) == "ok:512x512"
+    assert outcome(inspect_image(png + b"trailing junk", DecodeLimits())) == "ok:64x64"
+
+
 def test_real_photos_inspect_and_load_consistently():
     for path in NATURE[:3]:
         data = path.read_bytes()
@@ -247,6 +257,7 @@ def test_pillow_bomb_warning_and_error_become_rejections(monkeypatch):
         results = [inspect_image(d, DecodeLimits()) for d in (warn_band, error_band)]
     assert caught == []
     assert [r.reason for r in results] == ["too_many_pixels", "too_many_pixels"]
+    assert "MAX_IMAGE_PIXELS" in results[0].detail and "Pillow refused it" in results[1].detail
 
 
 def test_header_bomb_never_reaches_the_decoder(monkeypatch):

@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 
 from curation.decode import DecodeError, DecodeLimits, ImageInfo, Rejected, decode_rgb, inspect_image, load_rgb
 from curation.io.tar_stream import iter_tar_members, read_member
-from tests.curation.hostile import PIXELS, make_hostile_corpus, no_writes
+from tests.curation.hostile import PIXELS, corpus_uris, make_hostile_corpus, no_writes
 
 REPO = Path(__file__).resolve().parents[2]
 BOMBS = ("bomb.png", "bomb_warn_palette.png", "huge_gif.gif")
@@ -65,6 +65,9 @@ def test_corpus_covers_the_required_kinds(corpus):
     reasons = {v for v in expected.values() if v.startswith("reject:")}
     assert len(reasons) >= 9 and sum(v.startswith("ok:") for v in expected.values()) >= 10
     assert (directory / "bomb.png").stat().st_size < 200_000  # 9e8 pixels in ~110 KB
+    uris = corpus_uris(directory, expected)
+    assert uris[f"{directory}/evil.tar#../evil.jpg"] == "reject:unsafe_member_name"
+    assert uris[f"{directory}/zero.jpg"] == "reject:empty" and len(uris) == len(expected)
 
 
 def test_every_file_ends_exactly_as_expected(corpus):
