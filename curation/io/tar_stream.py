@@ -12,6 +12,9 @@ object in stream mode, so memory stays flat whatever the shard size, and yields 
 - ``rejected_reason="too_large_file"``: bigger than ``max_member_bytes``; skipped block by block, never held;
 - directories are skipped silently (they carry no data).
 
+pax and GNU long-name metadata headers above ``MAX_METADATA_BYTES`` are damage (Python's tarfile would read any
+declared size into memory, so a few-KB ``.tar.gz`` could ask for gigabytes).
+
 A damaged archive raises ``TarStreamError`` after the members read so far were yielded: broken compression,
 truncated data, an invalid header midway or a missing end-of-archive block (the last two are a silent early end
 in Python's stream-mode ``tarfile``; here they are errors, so a cut shard never passes as a short one).
@@ -37,6 +40,7 @@ import fsspec
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",
+    "MAX_METADATA_BYTES",
     "MEMBER_REASONS",
     "TarMember",
     "TarStreamError",
@@ -83,6 +87,24 @@ class TarMember:
     """Offset of the member's header block in the uncompressed stream."""
     compression: str | None = None
     """``gzip``/``bz2``/``xz`` when the archive is compressed (offsets then refer to the decompressed stream)."""
+
+
+#: Largest pax / GNU long-name metadata header accepted; tarfile would read any declared size into memory.
+MAX_METADATA_BYTES = 1 << 20
+_METADATA_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                   tarfile.GNUTYPE_LONGLINK)  # fmt: skip
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses oversized metadata headers before tarfile reads them whole (a tiny .tar.gz can
+    declare a multi-GB pax header of zeros)."""
+
+    def _proc_member(self, tarfile_obj: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _METADATA_TYPES and self.size > MAX_METADATA_BYTES:
+            raise tarfile.HeaderError(
+                f"metadata header {self.type!r} declares {self.size} bytes > {MAX_METADATA_BYTES}"
+            )
+        return super()._proc_member(tarfile_obj)
 
 
 class TarStreamError(ValueError):
@@ -185,7 +207,7 @@ def iter_tar_members(
     tail = _Tail(_decompressed(_Prefixed(head, fileobj), compression))  # type: ignore[arg-type]
     count = 0
     try:
-        tf = tarfile.open(fileobj=tail, mode="r|")  # noqa: SIM115 - closed by `with tf`
+        tf = tarfile.open(fileobj=tail, mode="r|", tarinfo=_GuardedTarInfo)  # noqa: SIM115 - closed by `with tf`
     except Exception as exc:  # any failure of the archive layers (tar, gzip, bz2, xz) is damage
         raise TarStreamError(source_uri, 0, f"{type(exc).__name__}: {exc}") from None
     with tf:

@@ -10,6 +10,7 @@ import lzma
 import os
 import tarfile
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import fsspec
@@ -206,6 +207,36 @@ def test_damaged_archives_raise_after_yielding_the_good_prefix():
         assert isinstance(err, ValueError) and "mem://shard.tar" in str(err)
     assert _names_then_error(raw) == ([f"{i:04d}.jpg" for i in range(4)], None)
     assert _names_then_error(bytes(10240)) == ([], None)  # an empty but well-formed archive
+
+
+def test_metadata_header_bomb_is_refused_before_it_is_read():
+    declared = 8 << 20  # a pax header of 8 MiB of zeros: ~8 KB gzipped; tarfile alone would hold it in memory
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, declared
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31)  # gzip container
+    parts = [comp.compress(header.tobuf(format=tarfile.USTAR_FORMAT))]
+    parts += [comp.compress(bytes(1 << 20)) for _ in range(declared >> 20)]
+    bomb = b"".join([*parts, comp.compress(bytes(1024)), comp.flush()])
+    assert len(bomb) < 64 << 10
+    tracemalloc.start()
+    try:
+        names, err = _names_then_error(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert names == [] and err is not None and "metadata header" in str(err)
+    assert peak < 1 << 20, f"peak {peak} bytes"
+
+
+def test_long_names_in_pax_and_gnu_headers_still_work():
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            ti = tarfile.TarInfo("d/" + "x" * 300 + ".jpg")
+            ti.size, ti.pax_headers = len(GOOD), {"comment": "\u00e9" * 2000}
+            tf.addfile(ti, io.BytesIO(GOOD))
+        members = list(iter_tar_members(io.BytesIO(buf.getvalue()), "x.tar"))
+        assert [(m.name, m.data) for m in members] == [("d/" + "x" * 300 + ".jpg", GOOD)]
 
 
 # ---------------------------------------------------------------- WebDataset
