@@ -315,8 +315,9 @@ def _archive_compression(uri: str) -> str | None:
 def read_member(uri: str, offset: int, size: int) -> bytes:
     """Re-read ``size`` bytes at ``offset_data`` of a member of the tar at ``uri`` (any fsspec URL).
 
-    Plain tars are read by byte range; compressed ones (detected from their first bytes, cached per URI) are
-    decompressed up to the offset. Raises ``ValueError`` when the archive holds fewer bytes than asked for.
+    Plain tars are read by byte range; compressed ones (detected from their first bytes, cached per URI: archives
+    are treated as immutable) are decompressed up to the offset, so random access into them costs O(offset).
+    Raises ``ValueError`` when the archive holds fewer bytes than asked for.
     """
     for name, value in (("offset", offset), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
