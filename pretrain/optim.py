@@ -278,7 +278,7 @@ def _full_norm(norm: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else norm
 
 
-def clip_grad_per_module(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]],
+def clip_grad_per_module(modules: Mapping[str, nn.Module] | nn.ModuleDict | Iterable[tuple[str, nn.Module]],
                          max_norm: float = 3.0) -> dict[str, float]:
     """Clip each submodule's gradients to ``max_norm`` separately (DINOv2: backbone, dino_head, ibot_head).
 
@@ -286,7 +286,7 @@ def clip_grad_per_module(modules: Mapping[str, nn.Module] | Iterable[tuple[str, 
     nothing of that module is scaled). ``max_norm <= 0`` only measures. Works with FSDP2 DTensor parameters
     (``clip_grad_norm_`` reduces the norm over the mesh); modules without gradients report 0.
     """
-    items = modules.items() if isinstance(modules, Mapping) else modules
+    items = modules.items() if isinstance(modules, (Mapping, nn.ModuleDict)) else modules
     norms: dict[str, float] = {}
     for name, module in items:
         grads = [p for p in module.parameters() if p.grad is not None]

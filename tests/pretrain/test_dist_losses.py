@@ -1,13 +1,16 @@
 """2-process gloo: distributed center, Sinkhorn-Knopp and global KoLeo equal the single-process values on the
-concatenated batch, and the KoLeo gradients match (data-parallel averaging of the per-rank gradients)."""
+concatenated batch, and the KoLeo gradients match (data-parallel averaging of the per-rank gradients); per-module
+clipping on FSDP2 (DTensor) parameters gives the single-process norms and clipped gradients."""
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.losses import SoftmaxCenter, koleo_loss, sinkhorn_knopp
+from pretrain.optim import clip_grad_per_module
 from pretrain.utils import dist as dist_utils
 
 WORLD = 2
@@ -21,6 +24,15 @@ def _data():
     feats = torch.randn(8, 6, generator=g)
     feats[6] = feats[1]  # a duplicate across ranks: only the global KoLeo sees it
     return logits, extreme, feats
+
+
+def _clip_model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"backbone": torch.nn.Linear(6, 5), "dino_head": torch.nn.Linear(5, 3)})
+
+
+def _clip_loss(model, x):
+    return model["dino_head"](model["backbone"](x)).pow(2).sum()
 
 
 def _local_rows(x, rank):
@@ -50,6 +62,16 @@ def _worker(rank, init_file, out_dir):
         out["koleo"] = loss.detach()
         out["koleo_local"] = koleo_loss(local.detach())
         out["koleo_grad"] = local.grad
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = _clip_model()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for sub in model.values():
+            fully_shard(sub, mesh=mesh)
+        _clip_loss(model, feats[rank * 4:(rank + 1) * 4]).backward()
+        out["clip_norms"] = clip_grad_per_module(model, max_norm=1.0)
+        out["clip_grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         total = dist_utils.all_reduce_sum_(torch.tensor([float(rank + 1)]))
         out["sum"] = total
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -85,5 +107,12 @@ def test_two_rank_statistics_equal_single_process(tmp_path):
     torch.testing.assert_close(sum(o["koleo"] for o in outs) / WORLD, single_loss.detach())
     grads = torch.cat([o["koleo_grad"] for o in outs]) / WORLD  # DDP / FSDP average gradients over ranks
     torch.testing.assert_close(grads, x.grad)
+    model = _clip_model()
+    (_clip_loss(model, feats) / WORLD).backward()  # FSDP averages the per-rank gradients
+    norms = clip_grad_per_module(model, max_norm=1.0)
+    for o in outs:
+        assert o["clip_norms"] == {k: pytest.approx(v, rel=1e-5) for k, v in norms.items()}
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(o["clip_grads"][name], p.grad)
     # the cross-rank duplicate makes the global loss differ from the per-rank local losses
     assert abs(float(sum(o["koleo_local"] for o in outs)) / WORLD - float(single_loss.detach())) > 1.0
