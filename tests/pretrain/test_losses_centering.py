@@ -74,3 +74,12 @@ def test_bad_arguments():
         SoftmaxCenter(3).teacher_probs(torch.randn(2, 4), 0.1)
     with pytest.raises(ValueError, match="temp"):
         SoftmaxCenter(3).teacher_probs(torch.randn(2, 3), 0.0)
+
+
+def test_extreme_logits_finite():
+    center = SoftmaxCenter(8)
+    logits = (torch.randn(4, 8) * 1e4).bfloat16()
+    center.update(logits)
+    probs = center.teacher_probs(logits, 0.04)
+    assert torch.isfinite(probs).all() and torch.isfinite(center.center).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))

@@ -173,3 +173,22 @@ def test_configs_validate_and_load_from_dict():
         OptimConfig(betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="global_batch_size"):
         Schedules(ScheduleConfig(), 0)
+
+
+def test_param_groups_on_the_real_backbone():
+    from pretrain.models import build_backbone
+
+    backbone = build_backbone("vit_test")
+    student = nn.ModuleDict({"backbone": backbone, "dino_head": DINOHead(backbone.embed_dim, 16, 8, 4)})
+    rows = {r["name"]: r for r in param_table(student, layerwise_decay=0.9)}
+    assert len(rows) == sum(1 for p in student.parameters() if p.requires_grad)
+    n = backbone.n_blocks
+    assert rows["backbone.pos_embed"]["lr_multiplier"] == pytest.approx(0.9 ** (n + 1))
+    assert rows["backbone.pos_embed"]["wd_multiplier"] == 1.0
+    assert rows["backbone.patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(0.9 ** (n + 1) * 0.2)
+    last = n - 1
+    assert rows[f"backbone.blocks.{last}.attn.qkv.weight"]["lr_multiplier"] == pytest.approx(0.9)
+    assert rows[f"backbone.blocks.{last}.ls1.gamma"]["wd_multiplier"] == 0.0
+    assert rows["backbone.norm.weight"]["lr_multiplier"] == 1.0
+    assert [name for name, r in rows.items() if r["is_last_layer"]] == ["dino_head.last_layer.weight_g",
+                                                                        "dino_head.last_layer.weight_v"]
