@@ -59,3 +59,18 @@ def test_bad_inputs():
         ibot_loss(torch.randn(2, 4), torch.rand(2, 4), masks.int())
     with pytest.raises(ValueError, match="same"):
         ibot_loss(torch.randn(2, 4), torch.rand(2, 5), masks)
+
+
+def test_batch_without_masked_patch_gives_zero_and_empty_targets_work():
+    from pretrain.losses import SoftmaxCenter, sinkhorn_knopp
+
+    s = torch.zeros(0, 8, requires_grad=True)
+    masks = torch.zeros(2, 4, dtype=torch.bool)
+    targets = sinkhorn_knopp(torch.zeros(0, 8), 0.07)
+    assert targets.shape == (0, 8)
+    loss = ibot_loss(s, targets, masks)
+    loss.backward()
+    assert float(loss) == 0.0 and s.grad.shape == (0, 8)
+    center = SoftmaxCenter(8)
+    center.update(torch.zeros(0, 8))
+    assert torch.equal(center.center, torch.zeros(1, 8))
