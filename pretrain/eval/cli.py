@@ -10,43 +10,19 @@ import argparse
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pretrain.utils.config import apply_overrides, build, load_toml, parse_value, to_dict
 
-from .config import BackboneConfig, DataConfig, EvalRunConfig, ExtractConfig, FeatureExportConfig
-from .datasets import make_loader, open_dataset
-from .features import FeatureSet, check_backbone, extract_features, load_features, save_features
+from .config import EvalRunConfig, FeatureExportConfig
+from .features import FeatureSet, load_features, save_features
 from .knn import knn_evaluate
 from .linear import run_linear_probe
 from .report import knn_table, linear_table, write_json, write_toml
-from .transforms import EvalTransform
+from .run import extract_split, knn_eval_model, linear_eval_model, load_backbone
 
 logger = logging.getLogger(__name__)
-
-
-def load_backbone(cfg: BackboneConfig) -> Any:
-    """``build_backbone(name, weights, **overrides)`` frozen in eval mode."""
-    from pretrain.models import build_backbone
-
-    model = build_backbone(cfg.name, weights=cfg.weights, **cfg.overrides)
-    return model.eval().requires_grad_(False)
-
-
-def extract_split(model: Any, data: DataConfig, extract: ExtractConfig, which: str, *, mode: str,
-                  n_last_blocks: int = 1, classes: list[str] | None = None) -> FeatureSet:
-    """Open ``data.train`` or ``data.test`` and compute its features (test reuses the train ``classes``)."""
-    source = data.train if which == "train" else data.test
-    split = data.train_split if which == "train" else data.test_split
-    if source is None:
-        raise ValueError(f"data.{which} is not set")
-    check_backbone(model, data.image_size, mode, n_last_blocks)
-    ds = open_dataset(source, transform=EvalTransform(data.image_size, data.resize_size), fmt=data.format,
-                      split=split, classes=classes, limit=data.limit)
-    loader = make_loader(ds, extract.batch_size, extract.num_workers)
-    return extract_features(model, loader, mode=mode, n_last_blocks=n_last_blocks, device=extract.device,
-                            precision=extract.precision, classes=ds.classes, desc=f"{which} features")
 
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -89,11 +65,9 @@ def cmd_knn(args: argparse.Namespace) -> int:
     run = build(EvalRunConfig, _config_dict(args, fields))
     if run.features is not None:
         train, test = load_features(run.features, "train"), load_features(run.features, "test")
+        result = knn_evaluate(train, test, run.knn, device=run.extract.device)
     else:
-        model = load_backbone(run.backbone)
-        train = extract_split(model, run.data, run.extract, "train", mode="cls")
-        test = extract_split(model, run.data, run.extract, "test", mode="cls", classes=train.classes)
-    result = knn_evaluate(train, test, run.knn, device=run.extract.device)
+        result = knn_eval_model(load_backbone(run.backbone), run.data, run.extract, run.knn)
     write_toml(to_dict(run), run.output_dir, "knn.config.toml")
     path = write_json({"eval": "knn", "config": to_dict(run), **result.to_dict()}, run.output_dir, "knn.json")
     print(knn_table(result))
@@ -113,21 +87,12 @@ def cmd_linear(args: argparse.Namespace) -> int:
               "holdout_fraction": "linear.holdout_fraction", "seed": "linear.seed",
               "linear_batch_size": "linear.batch_size", "refit": "linear.refit"}
     run = build(EvalRunConfig, _config_dict(args, fields))
-    load_test: Callable[[], FeatureSet]
     if run.features is not None:
-        train = load_features(run.features, "train")
-
-        def load_test() -> FeatureSet:
-            return load_features(run.features, "test")
+        features = run.features
+        result = run_linear_probe(load_features(features, "train"), lambda: load_features(features, "test"),
+                                  run.linear)
     else:
-        model = load_backbone(run.backbone)
-        n = run.linear.n_last_blocks
-        train = extract_split(model, run.data, run.extract, "train", mode="lastn_avgpool", n_last_blocks=n)
-
-        def load_test() -> FeatureSet:
-            return extract_split(model, run.data, run.extract, "test", mode="lastn_avgpool", n_last_blocks=n,
-                                 classes=train.classes)
-    result = run_linear_probe(train, load_test, run.linear)
+        result = linear_eval_model(load_backbone(run.backbone), run.data, run.extract, run.linear)
     write_toml(to_dict(run), run.output_dir, "linear.config.toml")
     path = write_json({"eval": "linear", "config": to_dict(run), **result.to_dict()}, run.output_dir, "linear.json")
     print(linear_table(result))

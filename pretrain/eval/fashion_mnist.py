@@ -88,10 +88,12 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray, root: str, *,
         Image.fromarray(img).save(os.path.join(folder, f"{key}.png"))
 
 
-def write_parquet_labels(paths: Sequence[str], labels: Sequence[int], out: str, *,
+def write_parquet_labels(paths: Sequence[str], labels: Sequence[int] | Sequence[str], out: str, *,
                          splits: Sequence[str] | None = None, keys: Sequence[str] | None = None) -> None:
-    """A Parquet label file: ``uri``, ``label`` and optional ``split`` / ``key`` columns."""
-    cols = {"uri": pa.array(list(paths), pa.string()), "label": pa.array([int(x) for x in labels], pa.int64())}
+    """A Parquet label file: ``uri``, ``label`` (class index or name) and optional ``split`` / ``key`` columns."""
+    values = [x if isinstance(x, str) else int(x) for x in labels]
+    label_type = pa.string() if values and isinstance(values[0], str) else pa.int64()
+    cols = {"uri": pa.array(list(paths), pa.string()), "label": pa.array(values, label_type)}
     if splits is not None:
         cols["split"] = pa.array(list(splits), pa.string())
     if keys is not None:

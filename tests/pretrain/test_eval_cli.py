@@ -7,6 +7,7 @@ import torch
 
 from pretrain.eval import cli
 from pretrain.eval import linear as linear_mod
+from pretrain.eval import run as run_mod
 from pretrain.eval.fashion_mnist import load_fashion_mnist, write_shards
 from pretrain.models import build_backbone, export_backbone
 
@@ -78,7 +79,7 @@ def test_features_export_then_knn_and_linear_from_the_file(setup):
 
 def test_linear_cli_opens_the_test_split_only_after_selection(setup, monkeypatch):
     events = []
-    real_open, real_select = cli.open_dataset, linear_mod.select_linear_head
+    real_open, real_select = run_mod.open_dataset, linear_mod.select_linear_head
 
     def spy_open(source, **kw):
         events.append(("open", source))
@@ -89,7 +90,7 @@ def test_linear_cli_opens_the_test_split_only_after_selection(setup, monkeypatch
         events.append(("selected", out.feature_set))
         return out
 
-    monkeypatch.setattr(cli, "open_dataset", spy_open)
+    monkeypatch.setattr(run_mod, "open_dataset", spy_open)
     monkeypatch.setattr(linear_mod, "select_linear_head", spy_select)
     out = setup["root"] / "linear"
     assert cli.main(["linear", *_common(setup, out), "--limit", "300", "--n-last-blocks", "2", "--epochs", "3",
@@ -113,3 +114,17 @@ def test_cli_errors_and_help(setup, capsys):
         cli.main(["knn", "--help"])
     assert exc.value.code == 0
     assert "Weighted k-NN (cosine, T=0.07" in capsys.readouterr().out
+
+
+def test_toml_config_and_dotted_overrides(setup, tmp_path):
+    feats = setup["root"] / "feats" / "fmnist.parquet"
+    if not feats.exists():
+        assert cli.main(["features", *_common(setup, feats), "--mode", "cls"]) == 0
+    cfg = tmp_path / "eval.toml"
+    cfg.write_text(f'features = "{feats}"\noutput_dir = "{tmp_path / "out"}"\n\n[knn]\nks = [5, 50]\n')
+    assert cli.main(["knn", "--config", str(cfg), "--set", "knn.temperature=0.5"]) == 0
+    res = json.loads((tmp_path / "out" / "knn.json").read_text())
+    assert [r["k"] for r in res["results"]] == [5, 50] and res["temperature"] == 0.5
+    assert res["config"]["knn"] == {"ks": [5, 50], "temperature": 0.5, "chunk_size": 256}
+    cfg.write_text(f'features = "{feats}"\n[knn]\nkz = [5]\n')
+    assert cli.main(["knn", "--config", str(cfg)]) == 2  # unknown field -> clear error, nothing written

@@ -186,3 +186,23 @@ def test_read_idx_matches_header(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
     with pytest.raises(ValueError, match="unsigned-byte idx"):
         read_idx(str(tmp_path / "bad"))
+
+
+def test_image_folder_and_parquet_on_an_fsspec_filesystem(tmp_path):
+    mem = fsspec.filesystem("memory")
+    for c in ("bird", "cat"):
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.new("L", (8, 8), 40 * i + (c == "cat")).save(buf, format="PNG")
+            mem.pipe(f"/evalfolder/{c}/{i}.png", buf.getvalue())
+    folder = open_dataset("memory://evalfolder", transform=None)
+    assert folder.classes == ["bird", "cat"]
+    assert [r[0] for r in folder.records] == ["bird/0", "bird/1", "bird/2", "cat/0", "cat/1", "cat/2"]
+    img, label, order, key = folder[4]
+    assert (label, order, key) == (1, 4, "cat/1") and img.getpixel((0, 0)) == 41
+    write_parquet_labels(["cat/1.png", "bird/2.png"], ["cat", "bird"], str(tmp_path / "l.parquet"))
+    mem.pipe("/evalfolder/labels.parquet", (tmp_path / "l.parquet").read_bytes())
+    labels = open_dataset("memory://evalfolder/labels.parquet", transform=None, classes=folder.classes)
+    assert [(r[1], r[2]) for r in labels.records] == [("memory:///evalfolder/cat/1.png", 1),
+                                                      ("memory:///evalfolder/bird/2.png", 0)]
+    assert labels[0][0].getpixel((0, 0)) == 41
