@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from curation.curate_config import ClusterConfig, ReportConfig, RetrieveConfig, ShardConfig
 from curation.decode import DecodeLimits
 from curation.index.config import IndexConfig
 from pretrain.utils.config import to_dict
@@ -186,6 +187,14 @@ class RunConfig:
     """Dedupe stage."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Execution backend."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Cluster stage (k-means / hierarchical k-means, balanced sampling)."""
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    """Retrieve stage (seed sets) and the final selection."""
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    """Shard stage (WebDataset tars)."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """Report stage (offline HTML + PNGs)."""
 
     def __post_init__(self) -> None:
         if not self.stages:
