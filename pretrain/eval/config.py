@@ -52,7 +52,7 @@ class DataConfig:
     resize_size: int | None = None
     "Short side before the centre crop; None uses ``round(image_size * 256 / 224)``."
     limit: int | None = None
-    "Use at most this many samples per split (first in the deterministic order); None uses all."
+    "At most this many samples per split (shards/Parquet: the first ones; folders: round-robin over classes)."
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:

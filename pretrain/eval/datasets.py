@@ -267,7 +267,8 @@ def open_dataset(source: str, *, transform: Transform | None, fmt: str = "auto",
         fmt: ``auto``, ``wds``, ``folder`` or ``parquet``.
         split: Parquet only: keep rows with this ``split`` value.
         classes: class names of the train split; pass ``train.classes`` when opening the test split.
-        limit: keep only the first ``limit`` samples in the deterministic order.
+        limit: keep only ``limit`` samples: the first ones of shards and Parquet files; for image folders (sorted
+            by class) the first files of every class in turn, so a small limit still covers all classes.
 
     The returned dataset has ``classes`` (sorted class names, or ``None`` for integer labels).
     """
@@ -294,8 +295,21 @@ def open_dataset(source: str, *, transform: Transform | None, fmt: str = "auto",
     else:
         records, own = _parquet_records(source, split, classes)
     if limit is not None:
-        records = records[:limit]
+        records = _interleaved_head(records, limit) if kind == "folder" else records[:limit]
     return ImageRecords(records, transform, own)
+
+
+def _interleaved_head(records: list[tuple[str, str, int]], limit: int) -> list[tuple[str, str, int]]:
+    """``limit`` records taken class by class in turn (i-th file of every class before the (i+1)-th), kept in
+    their original order."""
+    rank: dict[int, int] = {}
+    keyed = []
+    for i, rec in enumerate(records):
+        r = rank.get(rec[2], 0)
+        rank[rec[2]] = r + 1
+        keyed.append((r, rec[2], i))
+    chosen = sorted(i for _, _, i in sorted(keyed)[:limit])
+    return [records[i] for i in chosen]
 
 
 def _collate(batch: list[tuple[Any, int, int, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:

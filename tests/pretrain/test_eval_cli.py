@@ -128,3 +128,21 @@ def test_toml_config_and_dotted_overrides(setup, tmp_path):
     assert res["config"]["knn"] == {"ks": [5, 50], "temperature": 0.5, "chunk_size": 256}
     cfg.write_text(f'features = "{feats}"\n[knn]\nkz = [5]\n')
     assert cli.main(["knn", "--config", str(cfg)]) == 2  # unknown field -> clear error, nothing written
+
+
+def test_dinov2_training_checkpoint_and_sidecar_weights(setup, tmp_path):
+    """A DINOv2 ``teacher_checkpoint.pth`` (``{"teacher": {"backbone.*": ...}}``) evaluates like the export, and an
+    export's ``.json`` sidecar makes ``--backbone`` optional."""
+    sd = torch.load(setup["weights"], weights_only=True)
+    wrapped = {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
+                           "dino_head.last_layer.weight_g": torch.ones(8, 1)}}
+    torch.save(wrapped, tmp_path / "teacher_checkpoint.pth")
+    results = []
+    for weights, backbone in ((str(tmp_path / "teacher_checkpoint.pth"), ["--backbone", "vit_test"]),
+                              (setup["weights"], [])):
+        out = tmp_path / f"out{len(results)}"
+        assert cli.main(["knn", *backbone, "--weights", weights, "--train", setup["train"], "--test", setup["test"],
+                         "--image-size", "56", "--num-workers", "0", "--limit", "150", "--ks", "10",
+                         "--output", str(out)]) == 0
+        results.append(json.loads((out / "knn.json").read_text())["results"][0]["top1"])
+    assert results[0] == results[1] and results[0] > 0.3

@@ -89,6 +89,10 @@ def test_order_is_deterministic_whatever_the_workers(inputs):
     folder = open_dataset(str(inputs["root"] / "folder"), transform=EvalTransform(28))
     folder_keys = [folder.records[i][0] for i in range(len(folder))]
     assert folder_keys == sorted(folder_keys)  # class folder, then file name
+    small = open_dataset(str(inputs["root"] / "folder"), transform=None, limit=25)
+    per_class = np.bincount([r[2] for r in small.records], minlength=10)
+    assert per_class.tolist() == [3] * 5 + [2] * 5  # round-robin over classes, not the first classes only
+    assert [r[0] for r in small.records] == sorted(r[0] for r in small.records)
 
 
 def test_shard_inputs_brace_lists_directories_and_fsspec_urls(inputs):
