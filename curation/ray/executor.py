@@ -79,12 +79,10 @@ class RayExecutor(Executor):
             _ActorWorker,
             fn_constructor_args=(factory,),
             batch_size=1,
-            concurrency=concurrency,
+            compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
-            max_restarts=-1,
-            max_task_retries=-1,
-        )
+        )  # Ray Data restarts dead actors and retries their part (max_restarts=-1, max_task_retries=-1)
         log.info("%s: %d parts on %d actors (%s CPU, %s GPU each)", desc, len(items), concurrency, num_cpus, num_gpus)
         with tqdm(total=len(items), desc=desc, unit="part", leave=False) as bar:
             for row in ds.iter_rows():

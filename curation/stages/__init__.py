@@ -40,6 +40,11 @@ def get_stage(name: str) -> type[Stage]:
 def run_stages(config: RunConfig, run_dir: str, executor: Executor, names: list[str] | None = None) -> dict[str, Any]:
     """Run ``names`` (default: ``config.stages``) in order into ``run_dir``; return each stage's success record."""
     names = list(config.stages if names is None else names)
+    if run_dir.startswith("memory://") and not executor.in_process:
+        raise ValueError(
+            f"run directory {run_dir} is a memory:// filesystem, private to this process; workers cannot see it. "
+            "Use a local path or an object store URL, or run without Ray (--address none)"
+        )
     classes = [get_stage(n) for n in names]  # fail on a typo before any work
     records = {}
     for cls in classes:

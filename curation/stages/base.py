@@ -40,6 +40,9 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 class Executor(ABC):
     """Runs part functions somewhere; results come back as parts finish (any order)."""
 
+    in_process: ClassVar[bool] = False
+    """True when parts run in this process (so a ``memory://`` run directory is visible to them)."""
+
     @property
     @abstractmethod
     def num_cpus(self) -> int: ...
@@ -68,6 +71,8 @@ class Executor(ABC):
 
 class LocalExecutor(Executor):
     """Runs everything in this process, in order (no Ray): for debugging and stage tests."""
+
+    in_process = True
 
     @property
     def num_cpus(self) -> int:

@@ -71,7 +71,7 @@ class DedupeStage(Stage):
         out = []
         for ref in self.config.dedupe.references:
             prefix = reference_prefix(ref.name)
-            IngestStage(self.config, self.run_dir, prefix, sources=ref.sources).execute(executor)
+            IngestStage(self.config, self.run_dir, prefix).execute(executor)
             EmbedStage(self.config, self.run_dir, prefix).execute(executor)
             uids, mat, _ = load_embeddings(self.run_dir, prefix)
             out.append((ref, uids, mat))
@@ -95,7 +95,6 @@ class DedupeStage(Stage):
         else:
             component, keep = np.zeros(0, np.int64), np.zeros(0, bool)
             nearest, score = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        duplicates = int((~keep).sum())
         contaminated = np.zeros(n, bool)
         report: list[dict[str, Any]] = []
         for ref, ref_uids, ref_emb in refs:
@@ -136,13 +135,11 @@ class DedupeStage(Stage):
             sorted(report, key=lambda r: (r["reference"], r["uid"], r["ref_uid"])), schema=schemas.DECONTAM
         )
         write_parquet(join(self.store.root, "decontam", part_name(0)), report_table)
-        n_cont = int((keep & contaminated).sum())
         return {
             "in": n,
             "out": int(final_keep.sum()),
-            "rejected": {"duplicate": duplicates, "contaminated": n_cont},
+            "rejected": {"duplicate": int((~keep & ~contaminated).sum()), "contaminated": int(contaminated.sum())},
             "components": int(len(np.unique(component))),
-            "contaminated_images": int(contaminated.sum()),
             "decontam_matches": len(report),
             "rows": {"dedup": n, "decontam": len(report)},
             "dedup_parts": len(sizes),

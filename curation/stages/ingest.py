@@ -29,7 +29,7 @@ from curation.io.parts import PartStore, part_name
 from curation.io.sources import IngestUnit, extension, member_uri, plan_units
 from curation.stages.base import Executor, Stage, merge_stats, register_stage
 
-__all__ = ["IngestStage", "check_bytes", "collapse_part", "manifest_parts", "scan_unit", "uid_range"]
+__all__ = ["IngestStage", "check_bytes", "collapse_part", "manifest_parts", "scan_unit", "sources_for", "uid_range"]
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,16 @@ def collapse_part(store: PartStore, n_scan: int, n_buckets: int, config_hash: st
     return stats
 
 
+def sources_for(config: RunConfig, prefix: str) -> list[str]:
+    """The sources ingested under ``prefix``: the pool (``""``) or a reference set (``references/<name>``)."""
+    if not prefix:
+        return list(config.ingest.sources)
+    for ref in config.dedupe.references:
+        if prefix == f"references/{ref.name}":
+            return list(ref.sources)
+    raise ValueError(f"no dedupe.references entry for {prefix!r}")
+
+
 @register_stage
 class IngestStage(Stage):
     """Sources -> ``manifest/`` (unique accepted images) + ``rejects/`` (+ ``occurrences/`` for lineage)."""
@@ -169,9 +179,9 @@ class IngestStage(Stage):
     output = "manifest"
     items_step = "scan"
 
-    def __init__(self, config: RunConfig, run_dir: str, prefix: str = "", sources: list[str] | None = None) -> None:
+    def __init__(self, config: RunConfig, run_dir: str, prefix: str = "") -> None:
         super().__init__(config, run_dir, prefix)
-        self.sources = list(config.ingest.sources if sources is None else sources)
+        self.sources = sources_for(config, prefix)
 
     def config_sections(self) -> tuple[Any, ...]:
         return (self.config.ingest, self.sources)

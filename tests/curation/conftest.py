@@ -95,3 +95,23 @@ def make_copy(im: Image.Image, rng: random.Random) -> tuple[bytes, list[str]]:
         elif op == "gray":
             im = ImageOps.grayscale(im).convert("RGB")
     return jpeg_bytes(im, rng.randint(30, 90) if "jpeg" in ops else 92), ops
+
+
+def write_copy_corpus(root: Path, originals: int, copies: int, seed: int = 0, max_side: int = 384) -> dict[str, int]:
+    """Write ``originals`` photos (each with ``copies`` near-duplicates for two of every three photos) as JPEGs
+    under ``root``; return ``{file path: group id}``, the ground truth of copy detection."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    truth: dict[str, int] = {}
+    for g, (name, im) in enumerate(photos()[:originals]):
+        im = im.copy()
+        im.thumbnail((max_side, max_side))
+        path = root / f"{name}.jpg"
+        path.write_bytes(jpeg_bytes(im))
+        truth[str(path)] = g
+        for c in range(copies if g % 3 else 0):
+            data, _ = make_copy(im, rng)
+            path = root / f"{name}_copy{c}.jpg"
+            path.write_bytes(data)
+            truth[str(path)] = g
+    return truth

@@ -1,0 +1,250 @@
+"""Cluster: spherical / hierarchical k-means over the kept (post-dedupe) embeddings, then balanced sampling.
+
+Step ``train`` (one task) draws ``cluster.train_points`` kept embeddings under the run seed and runs
+:func:`curation.index.hierarchical_kmeans` (one level without resampling = plain spherical k-means); it writes
+``clusters/level{k}/centroids.npy`` and, below the top level, ``clusters/level{k}/parent.npy`` (the level-k+1
+cluster of every level-k centroid). Step ``assign`` (one task per embedding part, in parallel) assigns every
+kept image of the part to its nearest level-1 centroid and follows the parents up: ``clusters/assign/part-N``
+(uid, l1..lK, dist = 1 - cosine to the level-1 centroid). With ``cluster.target_size`` the driver then draws a
+balanced hierarchical sample (water-filling, :func:`curation.index.balanced_sample`) into
+``clusters/balanced/part-00000`` (selection schema, reason ``balanced``) and writes the level-1 cluster sizes
+before and after balancing to ``clusters/sizes.json``. Deterministic for a given seed and faiss thread count.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.config import RunConfig
+from curation.io.fs import atomic_write_bytes, get_fs, join, read_json, read_parquet, write_json, write_parquet
+from curation.io.parts import PartStore, part_name
+from curation.stages.base import Executor, Stage, register_stage
+from curation.stages.dedupe import DedupeStage
+from curation.stages.embed import EmbedStage
+
+__all__ = [
+    "SELECTION",
+    "ClusterStage",
+    "assign_schema",
+    "kept_embeddings",
+    "load_assignments",
+    "load_centroids",
+    "n_embedding_parts",
+]
+
+log = logging.getLogger(__name__)
+
+#: One row per selected image: why it is selected and, for retrieval, by which seed.
+SELECTION = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("reason", pa.string()),  # knn | cluster | balanced (| kept when sharding every kept image)
+        ("seed_set", pa.string()),  # seed set that retrieved it (null for balanced)
+        ("seed_uid", pa.string()),  # best-scoring seed image (null for balanced)
+        ("score", pa.float32()),  # cosine to that seed (balanced: cosine to its level-1 centroid)
+        ("n_seeds", pa.int32()),  # how many seed images retrieved it (collisions)
+    ]
+)
+
+
+def assign_schema(n_levels: int) -> pa.Schema:
+    """Schema of ``clusters/assign/part-*``: uid, ``l1..lK`` cluster ids, dist to the level-1 centroid."""
+    return pa.schema(
+        [("uid", pa.string())] + [(f"l{k}", pa.int32()) for k in range(1, n_levels + 1)] + [("dist", pa.float32())]
+    )
+
+
+def n_embedding_parts(run_dir: str) -> tuple[int, int]:
+    """``(parts, dim)`` of the finished pool embed stage."""
+    rec = read_json(join(run_dir, EmbedStage.output, "_SUCCESS.json"))
+    if rec is None:
+        raise ValueError(f"no finished embed stage in {run_dir}: run the embed stage first")
+    return int(rec["embedding_parts"]), int(rec["dim"])
+
+
+def _keep_mask(run_dir: str, index: int) -> tuple[list[str], np.ndarray]:
+    t = read_parquet(join(run_dir, DedupeStage.output, part_name(index)), columns=["uid", "keep"])
+    return t["uid"].to_pylist(), np.asarray(t["keep"].to_numpy(zero_copy_only=False), bool)
+
+
+def kept_embeddings(run_dir: str, index: int, dim: int) -> tuple[list[str], np.ndarray]:
+    """Uids and float32 embeddings of the images dedupe kept in embedding part ``index``."""
+    t = read_parquet(join(run_dir, EmbedStage.output, part_name(index)))
+    uids = t["uid"].to_pylist()
+    dedup_uids, keep = _keep_mask(run_dir, index)
+    if dedup_uids != uids:
+        raise ValueError(f"dedup part {index} is not aligned with embeddings part {index} in {run_dir}; "
+                         "rerun dedupe")  # fmt: skip
+    flat = t["emb"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    mat = np.asarray(flat, dtype=np.float32).reshape(t.num_rows, dim)[keep]
+    mat /= np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)  # float16 storage: renormalise
+    return [u for u, k in zip(uids, keep) if k], mat
+
+
+def _save_npy(url: str, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(url, buf.getvalue())
+
+
+def _load_npy(url: str) -> np.ndarray:
+    fs, path = get_fs(url)
+    with fs.open(path, "rb") as f:
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
+def load_centroids(run_dir: str, n_levels: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(centroids per level, parent map per level below the top)`` of a trained cluster stage."""
+    root = join(run_dir, ClusterStage.output)
+    cents = [_load_npy(join(root, f"level{k}", "centroids.npy")) for k in range(1, n_levels + 1)]
+    parents = [_load_npy(join(root, f"level{k}", "parent.npy")) for k in range(1, n_levels)]
+    return cents, parents
+
+
+def load_assignments(run_dir: str) -> pa.Table:
+    """All rows of ``clusters/assign/`` of a finished cluster stage, in part order."""
+    rec = read_json(join(run_dir, ClusterStage.output, "_SUCCESS.json"))
+    if rec is None:
+        raise ValueError(f"no finished cluster stage in {run_dir}: run the cluster stage first")
+    tables = [read_parquet(join(run_dir, ClusterStage.output, "assign", part_name(i)))
+              for i in range(int(rec["assign_parts"]))]  # fmt: skip
+    return pa.concat_tables(tables) if tables else assign_schema(int(rec["levels"])).empty_table()
+
+
+def train_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: str, index: int) -> dict[str, Any]:
+    """Train the k-means levels on a seeded sample of kept embeddings; write centroids and parent maps."""
+    from curation.index import hierarchical_kmeans
+
+    t0 = time.perf_counter()
+    cfg = config.cluster
+    n_parts, dim = n_embedding_parts(run_dir)
+    counts = [int(_keep_mask(run_dir, i)[1].sum()) for i in range(n_parts)]
+    n = sum(counts)
+    first = cfg.levels[0]
+    n_train = min(n, cfg.train_points or first.max_points_per_centroid * first.n_clusters)
+    if n_train < first.n_clusters:
+        raise ValueError(f"cluster.levels[0].n_clusters={first.n_clusters} exceeds the {n_train} kept images "
+                         "available for training; lower it")  # fmt: skip
+    pick = np.sort(np.random.default_rng(config.seed).choice(n, size=n_train, replace=False))
+    rows: list[np.ndarray] = []
+    offset = 0
+    for i, c in enumerate(counts):
+        local = pick[(pick >= offset) & (pick < offset + c)] - offset
+        if len(local):
+            rows.append(kept_embeddings(run_dir, i, dim)[1][local])
+        offset += c
+    x = np.concatenate(rows)
+    levels = hierarchical_kmeans(x, cfg.levels, seed=config.seed, use_gpu=cfg.use_gpu, threads=cfg.threads or None)
+    root = join(run_dir, ClusterStage.output)
+    for k, lvl in enumerate(levels, start=1):
+        _save_npy(join(root, f"level{k}", "centroids.npy"), lvl.centroids.astype(np.float32))
+        if k < len(levels):
+            _save_npy(join(root, f"level{k}", "parent.npy"), levels[k].assignment.astype(np.int64))
+    stats = {"part": index, "in": n, "out": n_train, "train_points": n_train, "dim": dim,
+             "clusters": [int(lvl.centroids.shape[0]) for lvl in levels],
+             "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    store.mark_done("train", index, stats, config_hash)
+    return stats
+
+
+def assign_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: str, index: int) -> dict[str, Any]:
+    """Assign every kept image of embedding part ``index`` at every level; write ``clusters/assign/part-N``."""
+    from curation.index import assign
+
+    t0 = time.perf_counter()
+    cfg = config.cluster
+    _, dim = n_embedding_parts(run_dir)
+    cents, parents = load_centroids(run_dir, len(cfg.levels))
+    uids, x = kept_embeddings(run_dir, index, dim)
+    if len(uids):
+        labels, dist = assign(x, cents[0], threads=cfg.threads or None)
+    else:
+        labels, dist = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    cols: dict[str, Any] = {"uid": pa.array(uids, pa.string())}
+    cur = labels
+    for k in range(1, len(cfg.levels) + 1):
+        cols[f"l{k}"] = pa.array(cur.astype(np.int32), pa.int32())
+        if k < len(cfg.levels):
+            cur = parents[k - 1][cur]
+    cols["dist"] = pa.array(dist.astype(np.float32), pa.float32())
+    write_parquet(store.data_url("clusters/assign", index), pa.table(cols, schema=assign_schema(len(cfg.levels))))
+    stats = {"part": index, "in": len(uids), "out": len(uids), "seconds": round(time.perf_counter() - t0, 3)}
+    store.mark_done("assign", index, stats, config_hash)
+    return stats
+
+
+def _ratio(sizes: np.ndarray) -> float | None:
+    nz = sizes[sizes > 0]
+    return round(float(nz.max() / nz.min()), 4) if len(nz) else None
+
+
+@register_stage
+class ClusterStage(Stage):
+    """Kept embeddings -> ``clusters/`` (centroids per level, assignments, optional balanced sample)."""
+
+    name = "cluster"
+    output = "clusters"
+    requires = ("dedupe",)
+    items_step = "assign"
+
+    def config_sections(self) -> tuple[Any, ...]:
+        dedupe = DedupeStage(self.config, self.run_dir, self.prefix)
+        return (dedupe.config_hash, self.config.cluster, self.config.seed)
+
+    def run(self, executor: Executor) -> dict[str, Any]:
+        cfg = self.config.cluster
+        run_dir, store, h = self.run_dir, self.store, self.config_hash
+        train = self.run_parts(executor, "train", 1, partial(train_part, self.config, run_dir, store, h))[0]
+        n_parts, _ = n_embedding_parts(run_dir)
+        self.run_parts(executor, "assign", n_parts, partial(assign_part, self.config, run_dir, store, h))
+        table = pa.concat_tables(
+            [read_parquet(store.data_url("clusters/assign", i)) for i in range(n_parts)]
+        ) if n_parts else assign_schema(len(cfg.levels)).empty_table()
+        l1 = np.asarray(table["l1"].to_numpy(zero_copy_only=False), np.int64)
+        k1 = cfg.levels[0].n_clusters
+        before = np.bincount(l1, minlength=k1)
+        stats: dict[str, Any] = {
+            "in": int(train["in"]), "out": table.num_rows, "rejected": {},
+            "levels": len(cfg.levels), "clusters": train["clusters"], "train_points": train["train_points"],
+            "assign_parts": n_parts, "size_ratio_before": _ratio(before),
+        }  # fmt: skip
+        sizes: dict[str, Any] = {"level1_before": before.tolist(), "level1_after": None}
+        if cfg.target_size:
+            _, parents = load_centroids(run_dir, len(cfg.levels))
+            dist = np.asarray(table["dist"].to_numpy(zero_copy_only=False), np.float64)
+            picked = self._balanced(l1, parents, dist)
+            after = np.bincount(l1[picked], minlength=k1)
+            sizes["level1_after"] = after.tolist()
+            uids = table["uid"].take(pa.array(picked))
+            order = pc.sort_indices(uids)
+            sel = pa.table(
+                {
+                    "uid": uids.take(order),
+                    "reason": pa.array(["balanced"] * len(picked), pa.string()),
+                    "seed_set": pa.nulls(len(picked), pa.string()),
+                    "seed_uid": pa.nulls(len(picked), pa.string()),
+                    "score": pa.array((1.0 - dist[picked]).astype(np.float32), pa.float32()).take(order),
+                    "n_seeds": pa.array(np.zeros(len(picked), np.int32), pa.int32()),
+                },
+                schema=SELECTION,
+            )
+            write_parquet(join(store.output, "balanced", part_name(0)), sel)
+            stats.update(balanced=len(picked), size_ratio_after=_ratio(after))
+        write_json(join(store.output, "sizes.json"), sizes)
+        stats["rows"] = {"assign": table.num_rows, "balanced": stats.get("balanced", 0)}
+        return stats
+
+    def _balanced(self, l1: np.ndarray, parents: list[np.ndarray], dist: np.ndarray) -> np.ndarray:
+        from curation.index import balanced_sample
+
+        cfg = self.config.cluster
+        return balanced_sample([l1, *parents], cfg.target_size, strategy=cfg.strategy, seed=self.config.seed,
+                               distances=dist if cfg.strategy == "closest" else None)  # fmt: skip
