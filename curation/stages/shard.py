@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "GIF": "gif"}
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
-_TAR_OVERHEAD = 512  # header block per member (data is padded to 512 too)
 _JSON_ESTIMATE = 1024
 
 
@@ -204,12 +203,19 @@ def shard_part(config: RunConfig, plan_url: str, store: PartStore, config_hash: 
     return stats
 
 
+def _estimate(size: int) -> int:
+    """Tar bytes of one sample: image, JSON (<= 1 KiB assumed) and cls members, each a header plus padded data."""
+    return 512 + -(-size // 512) * 512 + 512 + _JSON_ESTIMATE + 512 + 512
+
+
 def _cut(sizes: np.ndarray, per_shard: int, max_bytes: int) -> np.ndarray:
-    """Shard index of every sample (in order): a new shard after ``per_shard`` samples or ``max_bytes``."""
+    """Shard index of every sample (in order): a new shard after ``per_shard`` samples, or before the tar
+    (end-of-archive blocks and padding to 10 KiB records included) would exceed ``max_bytes``."""
     shard = np.zeros(len(sizes), np.int64)
     cur, count, nbytes = 0, 0, 0
     for i, s in enumerate(sizes.tolist()):
-        if count and (count >= per_shard or (max_bytes and nbytes + s > max_bytes)):
+        padded = -(-(nbytes + s + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+        if count and (count >= per_shard or (max_bytes and padded > max_bytes)):
             cur, count, nbytes = cur + 1, 0, 0
         shard[i], count, nbytes = cur, count + 1, nbytes + s
     return shard
@@ -309,7 +315,7 @@ class ShardStage(Stage):
                                                             "height", "format")},
                          "position": pos, "component": component.get(u), "clusters": clusters.get(u),
                          "label": label, "class": cfg.classes[label] if label is not None and cfg.classes else None})
-        est = np.array([p["size"] + 3 * _TAR_OVERHEAD + _JSON_ESTIMATE for p in plan], np.int64)
+        est = np.array([_estimate(int(p["size"])) for p in plan], np.int64)
         shards = _cut(est, cfg.samples_per_shard, cfg.max_shard_bytes)
         for p, s in zip(plan, shards.tolist()):
             p["shard"] = s
