@@ -9,17 +9,23 @@ from typing import Any
 
 from curation.config import RunConfig
 from curation.stages.base import STAGES, Executor, LocalExecutor, Stage, merge_stats, register_stage
+from curation.stages.cluster import ClusterStage
 from curation.stages.dedupe import DedupeStage
 from curation.stages.embed import EmbedStage
 from curation.stages.ingest import IngestStage
+from curation.stages.retrieve import RetrieveStage
+from curation.stages.shard import ShardStage
 
 __all__ = [
     "STAGES",
+    "ClusterStage",
     "DedupeStage",
     "EmbedStage",
     "Executor",
     "IngestStage",
     "LocalExecutor",
+    "RetrieveStage",
+    "ShardStage",
     "Stage",
     "get_stage",
     "merge_stats",
