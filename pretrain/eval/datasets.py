@@ -209,7 +209,7 @@ def _folder_records(root: str, classes: list[str] | None) -> tuple[list[tuple[st
         label = _label_index(name, own_classes, f"image folder {root!r}")
         files = sorted(p for p in fs.find(d) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
         for p in files:
-            rel = posixpath.relpath(p, fs._strip_protocol(base)).rsplit(".", 1)[0]
+            rel = posixpath.relpath(p, base.rstrip("/") or "/").rsplit(".", 1)[0]
             uri = p if protocol in ("file", "local") else f"{protocol}://{p}"
             records.append((rel, uri, label))
     if not records:
