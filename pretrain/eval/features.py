@@ -197,6 +197,8 @@ def save_features(splits: dict[str, FeatureSet], path: str, *, extra: dict | Non
 def read_feature_metadata(path: str) -> dict:
     """The layout metadata ``save_features`` stored."""
     fs, target = fsspec.core.url_to_fs(path)
+    if not fs.isfile(target):
+        raise FileNotFoundError(f"feature file {path} does not exist; write it with 'eval features'")
     schema = pq.read_schema(target, filesystem=fs)
     raw = (schema.metadata or {}).get(_META_KEY)
     if raw is None:

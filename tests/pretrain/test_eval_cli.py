@@ -110,6 +110,11 @@ def test_cli_errors_and_help(setup, capsys):
     assert "must be a multiple of the backbone patch size 14" in capsys.readouterr().err
     assert cli.main(["linear", *_common(setup, setup["root"] / "bad"), "--set", "linear.epochs=0"]) == 2
     assert "epochs must be > 0" in capsys.readouterr().err
+    assert cli.main(["knn", "--features", str(setup["root"] / "missing.parquet"), "--output", "x"]) == 2
+    assert "missing.parquet does not exist" in capsys.readouterr().err
+    missing_weights = ["--weights", str(setup["root"] / "missing.pth")]
+    assert cli.main(["knn", *_common(setup, setup["root"] / "bad"), *missing_weights]) == 2
+    assert "missing.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli.main(["knn", "--help"])
     assert exc.value.code == 0
