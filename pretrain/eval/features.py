@@ -125,13 +125,23 @@ def extract_features(model: nn.Module, loader: Iterable, *, mode: str = "cls", n
                      classes: list[str] | None = None, desc: str = "features") -> FeatureSet:
     """Run a frozen backbone over a loader of ``(images, labels, order, keys)`` batches.
 
-    The model is put in eval mode on ``device``; with ``precision`` ``auto`` the forward runs under bf16 autocast
-    on CUDA and fp32 on CPU. Samples are returned sorted by their ``order`` (deterministic whatever the workers).
+    The model runs in eval mode on ``device`` (it is moved there; its train/eval mode is restored afterwards);
+    with ``precision`` ``auto`` the forward runs under bf16 autocast on CUDA and fp32 on CPU. Samples are
+    returned sorted by their ``order`` (deterministic whatever the workers).
     """
     if mode not in MODES:
         raise ValueError(f"feature mode must be one of {MODES}, got {mode!r}")
     dev = resolve_device(device) if isinstance(device, str) else device
-    model = model.eval().to(dev)
+    was_training = model.training
+    model.eval().to(dev)
+    try:
+        return _extract(model, loader, mode, n_last_blocks, dev, precision, classes, desc)
+    finally:
+        model.train(was_training)
+
+
+def _extract(model: nn.Module, loader: Iterable, mode: str, n_last_blocks: int, dev: torch.device, precision: str,
+             classes: list[str] | None, desc: str) -> FeatureSet:
     feats, labels, orders, keys = [], [], [], []
     total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
     with tqdm(total=total, desc=desc, unit="img", disable=None) as bar:

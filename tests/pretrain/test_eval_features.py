@@ -75,7 +75,10 @@ def test_extraction_order_workers_precision_and_parquet_roundtrip(model, tmp_pat
     assert a.labels.tolist() == labels.tolist()
     torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
     assert a.embed_dim == 32 and a.n_last_blocks == 2 and a.features.shape == (90, 96)
+    model.train()
     bf16 = extract_features(model, make_loader(ds, 32, 0), mode="cls", device="cpu", precision="bf16")
+    assert model.training  # the caller's mode is restored
+    model.eval()
     assert bf16.features.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(bf16.features, a.features[:, a.cls_columns()]).min()
     assert cos > 0.98
