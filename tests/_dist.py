@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import queue
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -74,19 +75,22 @@ def run_distributed(
             p.start()
         collected: dict[int, tuple[bool, Any]] = {}
         failure: str | None = None
+        deadline = time.monotonic() + timeout_s
         try:
-            while len(collected) < world_size:
+            while len(collected) < world_size and failure is None:
                 try:
-                    rank, ok, value = results.get(timeout=timeout_s)
+                    rank, ok, value = results.get(timeout=1.0)
                 except queue.Empty:
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in collected]
-                    failure = f"ranks {sorted(set(range(world_size)) - set(collected))} gave no result in " \
-                              f"{timeout_s:.0f} s (crashed ranks: {dead})"
-                    break
+                    crashed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in collected]
+                    if crashed:  # died without reporting (segfault, os._exit, OOM kill)
+                        failure = f"ranks {crashed} exited with codes {[procs[r].exitcode for r in crashed]}"
+                    elif time.monotonic() > deadline:
+                        missing = sorted(set(range(world_size)) - set(collected))
+                        failure = f"ranks {missing} gave no result in {timeout_s:.0f} s"
+                    continue
                 collected[rank] = (ok, value)
                 if not ok:
                     failure = f"rank {rank} failed:\n{value}"
-                    break
         finally:
             for p in procs:
                 p.join(timeout=10 if failure is None else 2)

@@ -56,7 +56,9 @@ def _sharded(seed: int):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
 
 
-def _save_sharded_then_reload(rank: int, world_size: int, ckpt_dir: str, ref_path: str) -> dict:
+def _run_all(rank: int, world_size: int, tmp: str) -> dict:
+    """2 ranks: save a sharded checkpoint and reload it into a fresh sharded model; load a 1-process checkpoint."""
+    ckpt_dir, ref_path = f"{tmp}/ckpt2", f"{tmp}/ref2.pt"
     model, opt = _sharded(0)
     _train(model, opt, rank, world_size)
     data = {"rank": rank, "samples": 2 * (rank + 1)}
@@ -72,46 +74,51 @@ def _save_sharded_then_reload(rank: int, world_size: int, ckpt_dir: str, ref_pat
     info = ckpt.load("latest", {"model": ModelState(fresh), "optim": OptimizerState(fresh, fresh_opt),
                                 "data": RankLocal(loaded_data)})
     got = {"model": full_state_dict(fresh), "optim": _full_optim(fresh, fresh_opt)}
-    files = sorted(p.name for p in Path(ckpt_dir, "step-2").iterdir())
-    diff = _max_diff(got, ref) if rank == 0 else 0.0
-    return {"diff": diff, "data": loaded_data, "restored": info.rank_local_restored, "files": files}
+    result = {"diff": _max_diff(got, ref) if rank == 0 else 0.0, "data": loaded_data,
+              "restored": info.rank_local_restored, "files": sorted(p.name for p in Path(ckpt_dir, "step-2").iterdir())}
 
-
-def _load_single_into_sharded(rank: int, world_size: int, ckpt_dir: str, ref_path: str) -> dict:
+    # 1 -> 2: the checkpoint the test process wrote without a process group
     model, opt = _sharded(1)
-    info = Checkpointer(ckpt_dir).load("latest", {"model": ModelState(model), "optim": OptimizerState(model, opt)})
+    state = {"model": ModelState(model), "optim": OptimizerState(model, opt)}
+    info = Checkpointer(f"{tmp}/ckpt1").load("latest", state)
     got = {"model": full_state_dict(model), "optim": _full_optim(model, opt)}
-    ref = torch.load(ref_path, weights_only=False)
-    return {"step": info.step, "world": info.world_size, "diff": _max_diff(got, ref) if rank == 0 else 0.0}
+    ref1 = torch.load(f"{tmp}/ref1.pt", weights_only=False)
+    result["from_single"] = (info.step, info.world_size, _max_diff(got, ref1) if rank == 0 else 0.0)
+    return result
 
 
-def test_two_rank_checkpoint_reloads_sharded_and_resumes_in_one_process(tmp_path):
-    ckpt_dir, ref_path = str(tmp_path / "ckpt"), str(tmp_path / "ref.pt")
-    results = run_distributed(_save_sharded_then_reload, ckpt_dir, ref_path, world_size=2)
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    tmp = tmp_path_factory.mktemp("dcp")
+    model, opt = _build(0)
+    _train(model, opt, 0, 1)
+    Checkpointer(tmp / "ckpt1").save(4, {"model": ModelState(model), "optim": OptimizerState(model, opt)})
+    torch.save({"model": full_state_dict(model), "optim": _full_optim(model, opt)}, tmp / "ref1.pt")
+    return tmp, run_distributed(_run_all, str(tmp), world_size=2)
+
+
+def test_two_rank_checkpoint_reloads_into_fresh_sharded_model(run):
+    _, results = run
     assert {"__0_0.distcp", "__1_0.distcp", "rank-00000.pt", "rank-00001.pt", ".complete"} <= set(results[0]["files"])
     for rank, r in enumerate(results):
         assert r["diff"] == 0.0
         assert r["restored"] and r["data"] == {"rank": rank, "samples": 2 * (rank + 1)}
 
-    # 2 -> 1: a plain model in this process (no process group) gets the same model and optimizer state
-    ref = torch.load(ref_path, weights_only=False)
-    model, opt = _build(1)
+
+def test_two_rank_checkpoint_resumes_in_one_process(run):
+    tmp, _ = run
+    ref = torch.load(tmp / "ref2.pt", weights_only=False)
+    model, opt = _build(1)  # a plain model in this process, no process group
     data: dict = {}
-    info = Checkpointer(ckpt_dir).load("latest", {"model": ModelState(model), "optim": OptimizerState(model, opt),
-                                                  "data": RankLocal(data)})
+    info = Checkpointer(tmp / "ckpt2").load("latest", {"model": ModelState(model), "optim": OptimizerState(model, opt),
+                                                       "data": RankLocal(data)})
     assert (info.step, info.world_size, info.extra) == (2, 2, {"world": 2})
     assert not info.rank_local_restored and data == {}  # per-rank state cannot map onto another world size
     assert _max_diff({"model": full_state_dict(model), "optim": _full_optim(model, opt)}, ref) == 0.0
     assert len(ref["optim"]) == len(list(model.parameters())) - 1  # mask_token never had state
 
 
-def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
-    ckpt_dir, ref_path = str(tmp_path / "ckpt"), str(tmp_path / "ref.pt")
-    model, opt = _build(0)
-    _train(model, opt, 0, 1)
-    Checkpointer(ckpt_dir).save(4, {"model": ModelState(model), "optim": OptimizerState(model, opt)})
-    torch.save({"model": full_state_dict(model), "optim": _full_optim(model, opt)}, ref_path)
-    results = run_distributed(_load_single_into_sharded, ckpt_dir, ref_path, world_size=2)
+def test_one_process_checkpoint_resumes_on_two_ranks(run):
+    _, results = run
     for r in results:
-        assert (r["step"], r["world"], r["diff"]) == (4, 1, 0.0)
-
+        assert r["from_single"] == (4, 1, 0.0)
