@@ -1,7 +1,9 @@
 """Multi-crop augmentation throughput per core: JPEG decode (draft mode) + 2 global + N local crops + to-tensor.
 
-Single process, one torch thread. Prints samples/s (median and best of several runs) for an ImageNet-sized
-JPEG (about 500x375, quality 90, cut from a real photo) and for a 2560x1600 photo.
+Single process, one torch thread. Prints samples/s (median and best of several runs) for ImageNet-sized JPEGs
+(500x375, quality 90, resized from real photos) and for a 2560x1600 photo, both by wall clock and by this
+process's CPU time (the fairer figure on a shared machine). A calibration line (decode of one ImageNet-sized
+JPEG) shows how fast the core is right now; the load average shows how busy the machine is.
 
     .venv/bin/python bench/augment.py [--runs 5] [--n 60] [--global-size 224] [--local-size 98] [--n-local 8]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import os
 import statistics
 import time
 
@@ -39,15 +42,26 @@ def imagenet_like_jpegs(count: int = 8) -> list[bytes]:
     return out
 
 
-def run(jpegs: list[bytes], aug: MultiCropAugment, n: int, seed: int) -> float:
-    """Augment ``n`` samples (cycling over ``jpegs``) and return samples/s."""
+def run(jpegs: list[bytes], aug: MultiCropAugment, n: int, seed: int) -> tuple[float, float]:
+    """Augment ``n`` samples (cycling over ``jpegs``); return samples/s by wall clock and by CPU time."""
     min_side = aug.cfg.min_decode_side
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
         img = decode_for_crops(jpegs[i % len(jpegs)], min_side)
         out = aug(img, np.random.default_rng([seed, i]))
         assert len(out["local"]) == aug.cfg.n_local
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+
+
+def calibration_ms(jpeg: bytes, repeats: int = 200) -> float:
+    """Best-of-3 mean decode time of one JPEG, in ms."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            Image.open(io.BytesIO(jpeg)).convert("RGB")
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best * 1e3
 
 
 def main() -> None:
@@ -66,11 +80,15 @@ def main() -> None:
     inputs = {"imagenet-like 500x375 q90": imagenet_like_jpegs(), "2560x1600 photo (LadyBird)": [big]}
     print(f"multi-crop 2x{cfg.global_size} + {cfg.n_local}x{cfg.local_size}, decode draft >= {cfg.min_decode_side}px,"
           f" 1 process, torch threads 1, {args.runs} runs x {args.n} samples")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; calibration: decode of one 500x375 q90 "
+          f"JPEG {calibration_ms(inputs['imagenet-like 500x375 q90'][0]):.2f} ms")
     for name, jpegs in inputs.items():
         run(jpegs, aug, 5, seed=123)  # warm-up
         rates = [run(jpegs, aug, args.n, seed=r) for r in range(args.runs)]
-        print(f"{name:30s} median {statistics.median(rates):6.1f} samples/s   best {max(rates):6.1f}   "
-              f"({1000 / statistics.median(rates):.1f} ms/sample)")
+        wall, cpu = [r[0] for r in rates], [r[1] for r in rates]
+        print(f"{name:28s} wall: median {statistics.median(wall):6.1f} best {max(wall):6.1f} samples/s | "
+              f"CPU time: median {statistics.median(cpu):6.1f} best {max(cpu):6.1f} samples/s per core "
+              f"({1000 / statistics.median(cpu):.1f} ms/sample)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""DINOv2 multi-crop augmentation with PIL and numpy (no torchvision).
+"""DINOv2 multi-crop augmentation with PIL decoding and numpy/torch pixel ops (no torchvision).
 
-Each sample gives 2 global crops and ``n_local`` local crops. Every view goes through a bicubic
-RandomResizedCrop, a horizontal flip, colour jitter (random order of brightness, contrast, saturation, hue),
-random grayscale, Gaussian blur (9-tap kernel, sigma in [0.1, 2], reflect padding) and, for the second global
-crop, solarisation, then ImageNet normalisation. All randomness comes from the ``numpy.random.Generator``
-passed in, so a sample's crops are a pure function of (image, generator seed).
+Each sample gives 2 global crops and ``n_local`` local crops. Every view goes through a bicubic (antialiased,
+PIL-equivalent) RandomResizedCrop, a horizontal flip, colour jitter (random order of brightness, contrast,
+saturation, hue), random grayscale, Gaussian blur (9-tap kernel, sigma in [0.1, 2], reflect padding) and, for
+the second global crop, solarisation, then ImageNet normalisation. All randomness comes from the
+``numpy.random.Generator`` passed in, so a sample's crops are a pure function of (image, generator seed).
 
 The blur probabilities default to the values the DINOv2 paper states (global 1: 1.0, global 2: 0.1,
 local: 0.5). ``official_blur_inversion=True`` reproduces the released code, whose ``GaussianBlur(p)`` applies
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
@@ -207,8 +209,9 @@ class _Workspace:
         self.planes = [np.empty((s, s), np.float32) for _ in range(4)]
         self.mask = np.empty((s, s), bool)
         self.mask3 = np.empty((3, s, s), bool)
-        self.pad_v = np.empty((3, s + 2 * r, s), np.float32)
-        self.pad_h = np.empty((3, s, s + 2 * r), np.float32)
+        self.x_t = torch.from_numpy(self.x)  # shares memory with x
+        self.pad_v_t = torch.empty((3, s + 2 * r, s), dtype=torch.float32)
+        self.pad_h_t = torch.empty((3, s, s + 2 * r), dtype=torch.float32)
 
     def gray(self, out: np.ndarray) -> np.ndarray:
         """Luma of ``self.x`` into ``out`` (one plane)."""
@@ -279,30 +282,28 @@ class _Workspace:
         self.x[:] = self.gray(self.planes[0])
 
     def blur(self, sigma: float) -> None:
-        """Separable 9-tap Gaussian (reflect padding) in place; shorter kernel on views under 9 pixels."""
+        """Separable 9-tap Gaussian (reflect padding) in place; shorter kernel on views under 9 pixels.
+
+        Runs as torch fused multiply-adds on views of the numpy buffers (half the memory passes of numpy)."""
         r = self.r
         if r < 1:
             return
         k = _gaussian_kernel(sigma)[_BLUR_RADIUS - r : _BLUR_RADIUS + r + 1]
-        k = k / k.sum()
-        x, y, tmp = self.x, self.x, self.t3
+        k = (k / k.sum()).tolist()
+        x, pv, ph = self.x_t, self.pad_v_t, self.pad_h_t
         s = x.shape[1]
-        pv, ph = self.pad_v, self.pad_h
         pv[:, r : r + s] = x
-        pv[:, :r] = x[:, r:0:-1]
-        stop = s - 2 - r if s - 2 - r >= 0 else None
-        pv[:, r + s :] = x[:, s - 2 : stop : -1]
-        np.multiply(pv[:, 0:s], k[0], out=y)
+        pv[:, :r] = x[:, 1 : r + 1].flip(1)
+        pv[:, r + s :] = x[:, s - 1 - r : s - 1].flip(1)
+        torch.mul(pv[:, 0:s], k[0], out=x)
         for i in range(1, 2 * r + 1):
-            np.multiply(pv[:, i : i + s], k[i], out=tmp)
-            y += tmp
-        ph[:, :, r : r + s] = y
-        ph[:, :, :r] = y[:, :, r:0:-1]
-        ph[:, :, r + s :] = y[:, :, s - 2 : stop : -1]
-        np.multiply(ph[:, :, 0:s], k[0], out=y)
+            x.add_(pv[:, i : i + s], alpha=k[i])
+        ph[:, :, r : r + s] = x
+        ph[:, :, :r] = x[:, :, 1 : r + 1].flip(2)
+        ph[:, :, r + s :] = x[:, :, s - 1 - r : s - 1].flip(2)
+        torch.mul(ph[:, :, 0:s], k[0], out=x)
         for i in range(1, 2 * r + 1):
-            np.multiply(ph[:, :, i : i + s], k[i], out=tmp)
-            y += tmp
+            x.add_(ph[:, :, i : i + s], alpha=k[i])
 
     def solarize(self, threshold: float) -> None:
         np.greater_equal(self.x, threshold, out=self.mask3)
@@ -313,6 +314,20 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
     x = np.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=np.float32)
     k = np.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).astype(np.float32)
+
+
+def _as_tensor(img: Image.Image) -> torch.Tensor:
+    """Zero-copy (1, 3, H, W) channels-last uint8 view of an RGB image (read only; never written)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that the PIL buffer is read-only
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1).unsqueeze(0)
+
+
+def _resize(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a (1, 3, h, w) uint8 crop to (size, size): PIL's filter (a = -0.5, support
+    scaled with the reduction), run by torch's vectorised uint8 channels-last kernel (about 6x PIL's speed)."""
+    crop = crop.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
 class MultiCropAugment:
@@ -328,8 +343,8 @@ class MultiCropAugment:
 
     def __init__(self, cfg: MultiCropConfig) -> None:
         self.cfg = cfg
-        self._mean255 = (np.asarray(cfg.mean, dtype=np.float32) * 255.0).reshape(3, 1, 1)
-        self._inv_std255 = (1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)).reshape(3, 1, 1)
+        self._scale = 1.0 / (torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+        self._bias = -torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1) * 255.0 * self._scale
         self._blur_p = cfg.blur_probabilities
         self._work: dict[int, _Workspace] = {}
         lo = [max(0.0, 1 - cfg.brightness), max(0.0, 1 - cfg.contrast), max(0.0, 1 - cfg.saturation), -cfg.hue]
@@ -340,13 +355,14 @@ class MultiCropAugment:
         if img.mode != "RGB":
             img = img.convert("RGB")
         cfg = self.cfg
+        src = _as_tensor(img)
         globals_ = torch.empty((2, 3, cfg.global_size, cfg.global_size), dtype=torch.float32)
         locals_ = torch.empty((cfg.n_local, 3, cfg.local_size, cfg.local_size), dtype=torch.float32)
         ops = [
-            self._view(img, rng, "global1", globals_[0], cfg.global_scale, self._blur_p[0], 0.0),
-            self._view(img, rng, "global2", globals_[1], cfg.global_scale, self._blur_p[1], cfg.solarize_p),
+            self._view(src, rng, "global1", globals_[0], cfg.global_scale, self._blur_p[0], 0.0),
+            self._view(src, rng, "global2", globals_[1], cfg.global_scale, self._blur_p[1], cfg.solarize_p),
         ]
-        ops += [self._view(img, rng, "local", locals_[i], cfg.local_scale, self._blur_p[2], 0.0)
+        ops += [self._view(src, rng, "local", locals_[i], cfg.local_scale, self._blur_p[2], 0.0)
                 for i in range(cfg.n_local)]
         out = {"global": list(globals_.unbind(0)), "local": list(locals_.unbind(0))}
         if return_ops:
@@ -358,17 +374,15 @@ class MultiCropAugment:
             self._work[size] = _Workspace(size)
         return self._work[size]
 
-    def _view(self, img, rng, kind, out: torch.Tensor, scale, blur_p, solarize_p) -> ViewOps:
+    def _view(self, src: torch.Tensor, rng, kind, out: torch.Tensor, scale, blur_p, solarize_p) -> ViewOps:
         cfg = self.cfg
         size = out.shape[-1]
-        box = sample_crop_box(rng, img.width, img.height, scale, cfg.ratio)
+        box = sample_crop_box(rng, src.shape[-1], src.shape[-2], scale, cfg.ratio)
         left, top, w, h = box
-        # reducing_gap lets PIL shrink big boxes by an integer factor first (cheap), then resample bicubically
-        view = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h),
-                                     reducing_gap=3.0)).transpose(2, 0, 1)
+        view = _resize(src[:, :, top : top + h, left : left + w], size)[0]
         ws = self._workspace(size)
         flip = bool(rng.random() < cfg.flip_p)
-        np.copyto(ws.x, view[:, :, ::-1] if flip else view)
+        ws.x_t.copy_(view.flip(-1) if flip else view)
         jitter: tuple[tuple[str, float], ...] = ()
         if rng.random() < cfg.jitter_p:
             order = rng.permutation(4)
@@ -385,8 +399,6 @@ class MultiCropAugment:
         solarize = bool(solarize_p > 0 and rng.random() < solarize_p)
         if solarize:
             ws.solarize(cfg.solarize_threshold)
-        x = out.numpy()
-        np.subtract(ws.x, self._mean255, out=x)
-        x *= self._inv_std255
+        torch.addcmul(self._bias, ws.x_t, self._scale, out=out)  # (x - 255 mean) / (255 std)
         return ViewOps(kind=kind, box=box, flip=flip, jitter=jitter, grayscale=gray, blur_sigma=sigma,
                        solarize=solarize)

@@ -213,3 +213,32 @@ def test_all_shards_bad_raises_clear_error(shards):
                        shuffle_buffer=1, max_empty_shards=5)
     with pytest.raises(ValueError, match="gave no samples"):
         next(iter(stream))
+
+
+def test_reads_shards_over_http(shards):
+    """fsspec http:// URLs (a local server on 127.0.0.1) give the same stream as the local files."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=shards["root"]))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a-{{000000..000007}}.tar"
+        kw = {"set_index": 0, "stream_id": 1, "n_streams": 2, "seed": 5, "reseed": 0, "shards_per_window": 2,
+              "shuffle_buffer": 8}
+        remote = SetStream(expand_shards(url), **kw)
+        local = SetStream(expand_shards(shards["a"]), **kw)
+        got = [(s["__key__"], s["jpg"]) for s in itertools.islice(iter(remote), 30)]
+        assert got == [(s["__key__"], s["jpg"]) for s in itertools.islice(iter(local), 30)]
+        assert remote.corrupt_shards == 0
+        batch = take(WdsLoader(loader_cfg([url]), CROPS, patch_size=7), 1)[0]
+        assert batch["urls"][0].startswith("http://127.0.0.1") and batch["global_crops"].shape == (8, 3, 28, 28)
+    finally:
+        server.shutdown()
+        server.server_close()
