@@ -288,6 +288,12 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """``meta.json`` of a valid checkpoint: step, world_size, state_keys, rank_local_keys, created, extra."""
+        if not self.is_valid(step):
+            raise FileNotFoundError(f"checkpoint {self.step_dir(step)} does not exist or is incomplete")
+        return json.loads((self.step_dir(step) / _META).read_text(encoding="utf-8"))
+
     # ---------------------------------------------------------------------------------------------- save/load
     def save(self, step: int, state: Mapping[str, Any], *, extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``state`` (and the JSON ``extra``) as checkpoint ``step``; returns the committed directory.
@@ -356,10 +362,8 @@ class Checkpointer:
             step = latest
         if not isinstance(step, int):
             raise ValueError(f"step={step!r} must be an int or 'latest'")
-        if not self.is_valid(step):
-            raise FileNotFoundError(f"checkpoint {self.step_dir(step)} does not exist or is incomplete")
         path = self.step_dir(step)
-        meta = json.loads((path / _META).read_text(encoding="utf-8"))
+        meta = self.meta(step)
         global_state, local_state = _split(state)
         missing = sorted(set(global_state) - set(meta["state_keys"]))
         if missing:

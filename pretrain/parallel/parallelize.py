@@ -74,6 +74,7 @@ def parallelize(
     compile: bool = False,
     compile_backend: str = "inductor",
     fp32_modules: Sequence[str] = DEFAULT_FP32_MODULES,
+    forward_methods: Sequence[str] = (),
 ) -> nn.Module:
     """Apply AC -> compile -> per-block ``fully_shard`` -> backbone/head/root units to ``model`` in place.
 
@@ -89,6 +90,9 @@ def parallelize(
         compile: ``torch.compile`` each block (``nn.Module.compile``, names unchanged).
         compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` for quick checks).
         fp32_modules: names (or name suffixes) of submodules sharded with an fp32 policy.
+        forward_methods: backbone methods other than ``forward`` that callers invoke directly (e.g.
+            ``"forward_features_list"``); each is registered with FSDP so it gathers the root's parameters.
+            Register each method once: calling this twice on one model would wrap it twice.
 
     Returns:
         The same ``model`` object (FSDP2 swaps its class in place to an ``FSDPModule`` subclass).
@@ -109,7 +113,7 @@ def parallelize(
             logger.debug("parallelize without a mesh: mp_policy=%s is left to autocast", mp_policy)
         return model
 
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     fp32_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     # Bottom-up: heads and blocks before the modules that contain them, the root last.
@@ -123,6 +127,10 @@ def parallelize(
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         if backbone is not model:
             fully_shard(backbone, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        for method in forward_methods:
+            if not hasattr(backbone, method):
+                raise ValueError(f"forward_methods: {type(backbone).__name__} has no method {method!r}")
+            register_fsdp_forward_method(backbone, method)
         logger.info("parallelize: %s sharded as %d blocks + root (%s)", name or "model", len(blocks), mp_policy)
     if type(model).forward is nn.Module.forward:
         # A container without forward (ModuleDict of backbone + heads) cannot be a root unit: give each child that
@@ -135,4 +143,7 @@ def parallelize(
                 logger.info("parallelize: %s sharded as one unit (%s)", name, mp_policy)
     else:
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        if any(backbone is model for _, backbone in backbones):
+            for method in forward_methods:  # the model is the backbone: it only became an FSDPModule just now
+                register_fsdp_forward_method(model, method)
     return model

@@ -85,6 +85,8 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     ckpt.save(40, {"model": ModelState(model)}, extra={"again": True})  # re-saving a step replaces it
     assert ckpt.steps() == [30, 40]
     assert ckpt.load(40, {"model": ModelState(model)}).extra == {"again": True}
+    meta = ckpt.meta(40)
+    assert (meta["step"], meta["world_size"], meta["state_keys"], meta["extra"]) == (40, 1, ["model"], {"again": True})
 
 
 def test_crash_mid_save_leaves_previous_checkpoint_latest(tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ def _run_all(rank: int, world_size: int) -> dict:
     # 1. fp32 parity: per-block + root FSDP2 vs the unsharded model on the full batch, 3 SGD steps.
     torch.manual_seed(0)
     ref = build_backbone("vit_test")
-    model = parallelize(copy.deepcopy(ref), mesh=mesh, mp_policy="fp32")
+    model = parallelize(copy.deepcopy(ref), mesh=mesh, mp_policy="fp32", forward_methods=("forward_features",))
     result["block_is_fsdp"] = all(isinstance(b, FSDPModule) for b in model.blocks) and isinstance(model, FSDPModule)
     qkv = model.blocks[0].attn.qkv.weight
     result["placements"] = [str(p) for p in qkv.placements] if isinstance(qkv, DTensor) else None
@@ -96,6 +96,11 @@ def _run_all(rank: int, world_size: int) -> dict:
         opt_ref.zero_grad()
         result["ref_losses"].append(ref_loss.item())
     result["param_max_diff"] = _max_diff(full_state_dict(model, rank0_only=False), ref)
+    local_x = x.chunk(world_size)[rank]
+    with torch.no_grad():  # a registered forward method gathers the root's parameters like forward does
+        feats = model.forward_features(local_x)["x_norm_patchtokens"]
+        ref_feats = ref.forward_features(local_x)["x_norm_patchtokens"]
+        result["forward_method_max_diff"] = (feats - ref_feats).abs().max().item()
 
     # 2. bf16 policy: bf16 compute in blocks, fp32 heads, fp32 master params and gradients.
     torch.manual_seed(0)
@@ -174,6 +179,7 @@ def test_fsdp_matches_unsharded_reference_over_three_sgd_steps(results):
             assert abs(got - want) <= 1e-5, (r["losses"], r["ref_losses"])
         assert r["ref_losses"][-1] < r["ref_losses"][0]  # the steps did train
         assert r["param_max_diff"] <= 1e-6
+        assert r["forward_method_max_diff"] <= 1e-5
 
 
 def test_bf16_policy_keeps_fp32_params_and_grads_and_fp32_heads(results):
