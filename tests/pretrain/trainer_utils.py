@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 from PIL import Image
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from pretrain.eval.fashion_mnist import load_fashion_mnist
 
 
-def load_fashion_mnist(split: str = "train", n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 28, 28), labels int64 (N,)) from the Debian dataset-fashion-mnist package."""
-    prefix = "train" if split == "train" else "t10k"
-    with gzip.open(FMNIST / f"{prefix}-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FMNIST / f"{prefix}-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return (images, labels) if n is None else (images[:n], labels[:n])
-
-
-def write_shards(out: Path, n: int = 96, per_shard: int = 32, seed: int = 0) -> str:
+def write_shards(out: Path, n: int = 96, per_shard: int = 32) -> str:
     """Write ``n`` Fashion-MNIST images (JPEG, upscaled to 56 px) as shards; returns the brace URL pattern."""
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = load_fashion_mnist("train", n)
+    images, labels = load_fashion_mnist("train", n, balanced=False)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i, (img, lab) in enumerate(zip(images, labels)):
             buf = io.BytesIO()
