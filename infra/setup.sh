@@ -22,14 +22,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 stamp="$VENV/.dinoforge-installed"
-want="$(cat requirements/ci.txt pyproject.toml | sha256sum | cut -c1-16)"
+want="$(cat infra/requirements-ci.txt pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing Python packages into $VENV (about a minute the first time)"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/ci.txt 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r infra/requirements-ci.txt 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import torch, ray, faiss, webdataset, pyarrow, curation, pretrain" \
     || { echo "[setup] installation is incomplete" >&2; exit 1; }
