@@ -3,7 +3,14 @@ spherical k-means, balanced sampling and seed retrieval. Pure numpy/faiss: no Ra
 
 from curation.index.balanced import balanced_sample, cluster_sizes, waterfill
 from curation.index.config import IndexConfig, IndexPlan, plan_index
-from curation.index.dedup import DecontamResult, DedupResult, background_bias, copy_detect, decontaminate
+from curation.index.dedup import (
+    DecontamResult,
+    DedupResult,
+    background_bias,
+    components_from_knn,
+    copy_detect,
+    decontaminate,
+)
 from curation.index.hkmeans import Level, LevelConfig, closest_per_cluster, hierarchical_kmeans
 from curation.index.kmeans import assign, lloyd_refine, spherical_kmeans
 from curation.index.retrieval import (
@@ -20,6 +27,7 @@ __all__ = [
     "CollisionStats", "DecontamResult", "DedupResult", "FaissIndex", "IndexConfig", "IndexPlan", "Level",
     "LevelConfig", "as_unit_float32", "assign", "background_bias", "balanced_sample", "build_index",
     "closest_per_cluster", "cluster_sizes", "collision_counts", "collision_stats", "component_sizes",
+    "components_from_knn",
     "connected_components", "copy_detect", "decontaminate", "hierarchical_kmeans", "knn_search", "lloyd_refine",
     "plan_index", "retrieve_by_cluster", "retrieve_knn", "self_knn", "spherical_kmeans", "waterfill",
 ]

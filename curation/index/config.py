@@ -48,6 +48,9 @@ class IndexConfig:
     """Bits per PQ sub-quantizer code."""
     refine_factor: int = 4
     """IVF-PQ: candidates re-ranked exactly per query = k * refine_factor."""
+    self_join: str = "auto"
+    """Copy-detection graph: "blas" (thresholded join by matrix products over IVF lists, fast on CPU), "faiss"
+    (faiss k-NN search, GPU-capable) or "auto" (faiss when the GPU is used, else blas)."""
     use_gpu: bool | None = None
     """True = faiss GPU (error if none), False = CPU, None = GPU when faiss sees one."""
     query_batch: int = 16_384
@@ -75,6 +78,8 @@ class IndexConfig:
                 raise ValueError(f"IndexConfig.{name} must be None or a positive int, got {value!r}")
         if not (isinstance(self.pq_nbits, int) and 1 <= self.pq_nbits <= 16):
             raise ValueError(f"IndexConfig.pq_nbits must be an int in [1, 16], got {self.pq_nbits!r}")
+        if self.self_join not in ("auto", "blas", "faiss"):
+            raise ValueError(f"IndexConfig.self_join must be 'auto', 'blas' or 'faiss', got {self.self_join!r}")
         if self.use_gpu not in (None, True, False):
             raise ValueError(f"IndexConfig.use_gpu must be true, false or unset, got {self.use_gpu!r}")
         if self.train_points_per_list < self.min_points_per_list:

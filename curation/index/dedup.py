@@ -12,6 +12,9 @@ Per image, ``score`` is the best (possibly normalised) similarity to any other i
 either direction, and ``nearest`` is that image when ``score > threshold`` (it then shares the component),
 else -1: an image is alone in its component exactly when ``nearest == -1``.
 
+The graph: :func:`curation.index.join.similarity_join` on CPU (BLAS blocks over IVF lists, exact below
+``IndexConfig.exact_max``), faiss k-NN search when faiss runs on a GPU (``IndexConfig.self_join``).
+
 SSCD score normalisation (optional ``background``): every image gets a bias ``b_i`` = mean cosine similarity
 to its ``background_k`` nearest neighbours in the background set, and an edge (i, j) is scored
 ``s_ij - beta * (b_i + b_j) / 2`` (the query-side correction of SSCD, symmetrised so the graph stays
@@ -21,15 +24,17 @@ undirected). ``threshold`` then applies to the normalised score.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from curation.index.config import IndexConfig
-from curation.index.search import as_unit_float32, knn_search, self_knn
+from curation.index.join import similarity_join
+from curation.index.search import _want_gpu, as_unit_float32, knn_search, self_knn
 from curation.index.unionfind import connected_components
 
-__all__ = ["DedupResult", "DecontamResult", "copy_detect", "decontaminate", "background_bias"]
+__all__ = ["DedupResult", "DecontamResult", "copy_detect", "components_from_knn", "decontaminate", "background_bias"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,16 @@ class DedupResult:
     """int64 best-scoring other member of the component, -1 if the image is alone."""
     score: np.ndarray
     """float32 best score to any other image in the kNN graph (-inf if none was found)."""
+    n_edges: int = 0
+    """Directed kNN edges above the threshold."""
+    edge_src: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """int64 source of every directed edge above the threshold (at most k per source)."""
+    edge_dst: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """int64 neighbour of every edge."""
+    edge_score: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    """float32 (normalised) score of every edge."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase ("knn", "background", "components")."""
 
     @property
     def n_components(self) -> int:
@@ -91,23 +106,28 @@ def background_bias(emb: np.ndarray, background: np.ndarray, background_k: int =
     return (np.where(valid, sims, 0.0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)).astype(np.float32)
 
 
-def _best_partner(n: int, rows: np.ndarray, ids: np.ndarray, scores: np.ndarray,
-                  src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best score per node over its kNN row (outgoing) and over thresholded incoming edges."""
-    masked = np.where(ids >= 0, scores, -np.inf)
-    col = np.argmax(masked, axis=1) if masked.shape[1] else np.zeros(n, dtype=np.int64)
-    best = masked[rows, col] if masked.shape[1] else np.full(n, -np.inf, dtype=np.float32)
-    partner = ids[rows, col] if masked.shape[1] else np.full(n, -1, dtype=np.int64)
-    if len(dst):
-        order = np.lexsort((src, -w, dst))  # per dst: highest score first, then smallest source
-        d_sorted = dst[order]
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = d_sorted[1:] != d_sorted[:-1]
-        top = order[first]
-        better = w[top] > best[dst[top]]
-        best[dst[top][better]] = w[top][better]
-        partner[dst[top][better]] = src[top][better]
-    return best.astype(np.float32), partner
+def _row_best(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best score and neighbour of every kNN row (-inf / -1 for empty rows)."""
+    masked = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+    col = np.argmax(masked, axis=1)
+    rows = np.arange(len(ids))
+    best = masked[rows, col]
+    return best, np.where(np.isfinite(best), ids[rows, col], -1).astype(np.int64)
+
+
+def _merge_incoming(best: np.ndarray, partner: np.ndarray, src: np.ndarray, dst: np.ndarray,
+                    w: np.ndarray) -> None:
+    """Raise ``best``/``partner`` of edge targets whose incoming edge beats their own best (in place)."""
+    if not len(dst):
+        return
+    order = np.lexsort((src, -w, dst))  # per dst: highest score first, then smallest source
+    d_sorted = dst[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = d_sorted[1:] != d_sorted[:-1]
+    top = order[first]
+    better = w[top] > best[dst[top]]
+    best[dst[top][better]] = w[top][better]
+    partner[dst[top][better]] = src[top][better]
 
 
 def _keep_one(component: np.ndarray, priority: np.ndarray | None) -> np.ndarray:
@@ -123,41 +143,98 @@ def _keep_one(component: np.ndarray, priority: np.ndarray | None) -> np.ndarray:
     return keep
 
 
+def _check_priority(priority: np.ndarray | None, n: int) -> np.ndarray | None:
+    if priority is None:
+        return None
+    priority = np.asarray(priority, dtype=np.float64).ravel()
+    if priority.shape != (n,) or not np.all(np.isfinite(priority)):
+        raise ValueError(f"priority must be {n} finite numbers (one per embedding), got shape {priority.shape}")
+    return priority
+
+
+def _result(n: int, src: np.ndarray, dst: np.ndarray, w: np.ndarray, best: np.ndarray, partner: np.ndarray,
+            threshold: float, priority: np.ndarray | None) -> DedupResult:
+    t0 = time.perf_counter()
+    component = connected_components(n, src, dst)
+    _merge_incoming(best, partner, src, dst, w)
+    nearest = np.where(best > threshold, partner, -1).astype(np.int64)
+    keep = _keep_one(component, priority)
+    log.info("copy detection: %d images, %d edges > %.3f, %d components (%d duplicates removed)",
+             n, len(src), threshold, int(keep.sum()), n - int(keep.sum()))
+    return DedupResult(component=component, keep=keep, nearest=nearest, score=best.astype(np.float32),
+                       n_edges=len(src), edge_src=src, edge_dst=dst, edge_score=np.asarray(w, dtype=np.float32),
+                       timings={"components": time.perf_counter() - t0})
+
+
+def components_from_knn(sims: np.ndarray, ids: np.ndarray, *, threshold: float = 0.6,
+                        priority: np.ndarray | None = None, bias: np.ndarray | None = None,
+                        beta: float = 1.0) -> DedupResult:
+    """Copy-detection result from a self-excluded kNN graph ``(sims, ids)`` of shape (n, k) (see module doc).
+
+    ``bias`` (n,) enables SSCD score normalisation (``background_bias`` of every node). Use this directly when
+    the kNN graph was computed elsewhere (e.g. sharded over workers).
+    """
+    threshold = _check_threshold(threshold)
+    if sims.shape != ids.shape or sims.ndim != 2:
+        raise ValueError(f"sims and ids must both have shape (n, k), got {sims.shape} and {ids.shape}")
+    n = len(ids)
+    priority = _check_priority(priority, n)
+    ids = np.asarray(ids, dtype=np.int64)
+    valid = ids >= 0
+    scores = np.asarray(sims, dtype=np.float32)
+    if bias is not None:
+        if not np.isfinite(beta):
+            raise ValueError(f"beta must be finite, got {beta!r}")
+        bias = np.asarray(bias, dtype=np.float32).ravel()
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have one value per node ({n}), got shape {bias.shape}")
+        scores = scores - np.float32(beta) * 0.5 * (bias[:, None] + bias[np.where(valid, ids, 0)])
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+    r_idx, c_idx = np.nonzero(valid & (scores > threshold))
+    src, dst, w = r_idx.astype(np.int64), ids[r_idx, c_idx], scores[r_idx, c_idx]
+    del r_idx, c_idx
+    best, partner = _row_best(ids, scores)
+    return _result(n, src, dst, w, best, partner, threshold, priority)
+
+
+def _use_blas_join(cfg: IndexConfig) -> bool:
+    if cfg.self_join != "auto":
+        return cfg.self_join == "blas"
+    return not _want_gpu(cfg)
+
+
 def copy_detect(emb: np.ndarray, *, k: int = 64, threshold: float = 0.6, index: IndexConfig | None = None,
                 priority: np.ndarray | None = None, background: np.ndarray | None = None, beta: float = 1.0,
                 background_k: int = 3, progress: bool = False) -> DedupResult:
-    """Near-duplicate components of L2-normalised embeddings ``emb`` (n, d); policies in the module docstring."""
+    """Near-duplicate components of L2-normalised embeddings ``emb`` (n, d); policies in the module docstring.
+
+    The graph comes from :func:`similarity_join` (CPU) or faiss k-NN search (GPU), per ``index.self_join``.
+    """
     x = as_unit_float32(emb, "emb")
     k = _check_k(k)
     threshold = _check_threshold(threshold)
+    cfg = index or IndexConfig()
     n = len(x)
-    if priority is not None:
-        priority = np.asarray(priority, dtype=np.float64).ravel()
-        if priority.shape != (n,) or not np.all(np.isfinite(priority)):
-            raise ValueError(f"priority must be {n} finite numbers (one per embedding), got shape {priority.shape}")
+    priority = _check_priority(priority, n)
+    if not np.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta!r}")
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return DedupResult(empty, np.zeros(0, dtype=bool), empty.copy(), np.zeros(0, dtype=np.float32))
-    sims, ids = self_knn(x, k, index, progress=progress)
-    valid = ids >= 0
-    scores = sims
-    if background is not None:
-        if not np.isfinite(beta):
-            raise ValueError(f"beta must be finite, got {beta!r}")
-        bias = background_bias(x, background, background_k, index)
-        scores = sims - np.float32(beta) * 0.5 * (bias[:, None] + bias[np.where(valid, ids, 0)])
-        scores = np.where(valid, scores, -np.inf).astype(np.float32)
-    rows = np.arange(n, dtype=np.int64)
-    edge = valid & (scores > threshold)
-    r_idx, c_idx = np.nonzero(edge)
-    src, dst, w = r_idx.astype(np.int64), ids[r_idx, c_idx], scores[r_idx, c_idx]
-    component = connected_components(n, src, dst)
-    best, partner = _best_partner(n, rows, ids, scores, src, dst, w)
-    nearest = np.where(best > threshold, partner, -1).astype(np.int64)
-    keep = _keep_one(component, priority)
-    log.info("copy_detect: %d images, %d edges > %.3f, %d components (%d duplicates removed)",
-             n, len(src), threshold, int(keep.sum()), n - int(keep.sum()))
-    return DedupResult(component=component, keep=keep, nearest=nearest, score=best)
+    t0 = time.perf_counter()
+    bias = None if background is None else background_bias(x, background, background_k, cfg)
+    t1 = time.perf_counter()
+    if _use_blas_join(cfg):
+        g = similarity_join(x, k=k, threshold=threshold, index=cfg, bias=bias, beta=beta, progress=progress)
+        res = _result(n, g.src, g.dst, g.score, g.best, g.partner, threshold, priority)
+        res.timings.update(g.timings)
+    else:
+        sims, ids = self_knn(x, k, cfg, progress=progress)
+        t2 = time.perf_counter()
+        res = components_from_knn(sims, ids, threshold=threshold, priority=priority, bias=bias, beta=beta)
+        res.timings["knn"] = t2 - t1
+    res.timings["background"] = t1 - t0
+    return res
 
 
 def decontaminate(pool: np.ndarray, refs: np.ndarray, *, k: int = 16, threshold: float = 0.45,
@@ -169,9 +246,10 @@ def decontaminate(pool: np.ndarray, refs: np.ndarray, *, k: int = 16, threshold:
 
     1. every pool image's ``k`` nearest references (an index over ``refs`` only), so a direct pool-reference
        match is never hidden by pool neighbours; these are the reported (pool, ref, score) pairs;
-    2. with ``pool_edges`` (default, DINOv2's "same procedure"): the k-NN graph of pool+refs over itself, so
-       pool-pool edges join components and a pool image is also dropped when it is connected through other
-       pool images to a reference (at 0.45 this chains: a copy of a copy of a test image is dropped too).
+    2. with ``pool_edges`` (default, DINOv2's "same procedure"): the thresholded k-NN graph of pool+refs over
+       itself (as in :func:`copy_detect`), so pool-pool edges join components and a pool image is also dropped
+       when it is connected through other pool images to a reference (at 0.45 this chains: a copy of a copy
+       of a test image is dropped too).
        Pool-reference pairs found by this search are reported as well. With ``pool_edges=False`` only the
        direct matches of search 1 count, i.e. a pool image is dropped iff it matches a reference itself.
     """
@@ -192,9 +270,16 @@ def decontaminate(pool: np.ndarray, refs: np.ndarray, *, k: int = 16, threshold:
     pair_p, pair_r, pair_s = rows.astype(np.int64), i[rows, cols], s[rows, cols]
     src, dst = [pair_p], [pair_r + n]
     if pool_edges:
-        ss, ii = self_knn(np.concatenate([p, r]), k, index, progress=progress)
-        rows2, cols2 = np.nonzero((ii >= 0) & (ss > threshold))
-        a, b, w = rows2.astype(np.int64), ii[rows2, cols2], ss[rows2, cols2]
+        cfg = index or IndexConfig()
+        union = np.concatenate([p, r])
+        if _use_blas_join(cfg):
+            g = similarity_join(union, k=k, threshold=threshold, index=cfg, progress=progress)
+            a, b, w = g.src, g.dst, g.score
+        else:
+            ss, ii = self_knn(union, k, cfg, progress=progress)
+            rows2, cols2 = np.nonzero((ii >= 0) & (ss > threshold))
+            a, b, w = rows2.astype(np.int64), ii[rows2, cols2], ss[rows2, cols2]
+        del union
         src.append(a)
         dst.append(b)
         cross = (a < n) != (b < n)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -186,18 +187,24 @@ def knn_search(base: np.ndarray, queries: np.ndarray, k: int, index: IndexConfig
     return FaissIndex(base, index or IndexConfig()).search(queries, k, progress=progress)
 
 
-def self_knn(x: np.ndarray, k: int, index: IndexConfig | None = None,
-             *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def self_knn(x: np.ndarray, k: int, index: IndexConfig | None = None, *, progress: bool = False,
+             timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k-NN graph of ``x`` over itself with each point's own id removed: (sims (n, k), ids (n, k)).
 
     Searches k+1 neighbours and drops the query's own id wherever it appears (exact duplicates may rank it
-    anywhere); rows where the approximate index missed it drop their last neighbour instead.
+    anywhere); rows where the approximate index missed it drop their last neighbour instead. Seconds spent
+    building and searching go to ``timings["build"]`` / ``timings["search"]`` when a dict is passed.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     x = as_unit_float32(x, "emb")
     n = len(x)
-    sims, ids = FaissIndex(x, index or IndexConfig()).search(x, k + 1, progress=progress)
+    t0 = time.perf_counter()
+    fi = FaissIndex(x, index or IndexConfig())
+    t1 = time.perf_counter()
+    sims, ids = fi.search(x, k + 1, progress=progress)
+    if timings is not None:
+        timings.update(build=t1 - t0, search=time.perf_counter() - t1)
     is_self = ids == np.arange(n, dtype=np.int64)[:, None]
     no_self = ~is_self.any(axis=1)
     is_self[no_self, -1] = True
