@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import curation.report.stage  # noqa: F401 - registers the report stage
 from curation.config import RunConfig
 from curation.stages.base import STAGES, Executor, LocalExecutor, Stage, merge_stats, register_stage
 from curation.stages.cluster import ClusterStage
