@@ -54,6 +54,11 @@ def resolve_entry(path: str) -> Callable[[list[str]], Any]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: call the trainer entry with the trainer argv (imported lazily here)."""
+    # Relative paths (recipe, shard URLs) mean the submit directory: the driver's cwd when this node has it,
+    # else the worker's default cwd (the unpacked `--working-dir` of `ray job submit`).
+    driver_cwd = config.get("cwd")
+    if driver_cwd and os.path.isdir(driver_cwd):
+        os.chdir(driver_cwd)
     entry = resolve_entry(config["entry"])
     entry(list(config["argv"]))
 
@@ -100,7 +105,8 @@ def main(argv: Sequence[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         _validate(args)
-        trainer_args = train_argv(args.recipe, args.out, args.overrides)
+        out = os.path.abspath(args.out) if "://" not in args.out else args.out  # the same on every node
+        trainer_args = train_argv(args.recipe, out, args.overrides)
     except ValueError as exc:
         build_parser().error(str(exc))
 
@@ -113,7 +119,9 @@ def main(argv: Sequence[str] | None = None):
         if args.num_cpus is not None:
             init_kwargs["num_cpus"] = args.num_cpus
         ray.init(address=args.address, **init_kwargs)
-    out = os.path.abspath(args.out) if "://" not in args.out else args.out
+    # Ray Train would move each worker into a per-run directory; keep the submit directory so relative recipe
+    # and data paths resolve the same way as with torchrun.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     storage = args.storage_path or (os.path.join(out, "ray_train") if "://" not in out else None)
     name = args.name or os.path.basename(out.rstrip("/")) or "dinoforge"
     trainer = TorchTrainer(
@@ -121,6 +129,7 @@ def main(argv: Sequence[str] | None = None):
         train_loop_config={
             "entry": args.entry,
             "argv": trainer_args,
+            "cwd": os.getcwd(),
         },
         scaling_config=ScalingConfig(
             num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker={"CPU": args.cpus_per_worker}

@@ -143,7 +143,7 @@ def _probe_entry(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"rank": info.rank, "world_size": info.world_size, "backend": info.backend,
               "pg_backend": str(dist.get_backend()), "all_reduce": total.item(), "argv": argv,
-              "env": [os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]}
+              "env": [os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")], "cwd": os.getcwd()}
     (out / f"rank{info.rank}.json").write_text(json.dumps(record))
 
 
@@ -165,6 +165,7 @@ def test_ray_train_entrypoint_runs_two_gloo_workers(tmp_path):
         assert (rec["rank"], rec["world_size"], rec["backend"], rec["pg_backend"]) == (rank, 2, "gloo", "gloo")
         assert rec["all_reduce"] == 3.0  # 1 + 2: a working 2-process group
         assert rec["env"] == [str(rank), "2", str(rank)]
+        assert rec["cwd"] == os.getcwd()  # relative recipe/data paths resolve as on the driver
         assert rec["argv"] == ["pretrain/recipes/tiny.toml", "--out", str(out), "--set", "train.steps=2"]
 
 
