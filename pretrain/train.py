@@ -193,20 +193,10 @@ class Trainer:
         self.device = self.info.device
         self.is_main = self.info.is_main
         torch.manual_seed(cfg.seed)
-        self.arch = SSLMetaArch(cfg.backbone, cfg.heads, cfg.loss).to(self.device)
         mesh = device_mesh(self.info)
         loop = cfg.train
         mp = "bf16" if loop.precision == "bf16" and mesh is not None else "fp32"
-        for net in (self.arch.student, self.arch.teacher):  # identical sharding -> shard-local EMA
-            parallelize(net, mesh=mesh, mp_policy=mp, activation_checkpointing=loop.activation_checkpointing,
-                        compile=loop.compile)
-            if mesh is not None:
-                from torch.distributed.fsdp import register_fsdp_forward_method
-
-                for _, backbone in backbone_modules(net):
-                    for method in ("forward_features", "forward_features_list"):
-                        register_fsdp_forward_method(backbone, method)
-        groups = build_param_groups(self.arch.student, cfg.optim)
+        groups = self.build_model(mesh, mp)
         if loop.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=0.0)
         else:
@@ -221,9 +211,35 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(dump_toml(to_dict(cfg)))
-            n = sum(p.numel() for p in self.arch.student.parameters())
-            logger.info("run %s: %d processes, student %.2fM params, %d iterations in %d phase(s)",
+            n = sum(g["n_params"] for g in groups)
+            logger.info("run %s: %d processes, %.2fM trained params, %d iterations in %d phase(s)",
                         cfg.name, self.info.world_size, n / 1e6, self.total, len(self.phases))
+
+    # ------------------------------------------------------------------ hooks (pretrain.distill overrides them)
+    def build_model(self, mesh: Any, mp: str) -> list[dict]:
+        """Build ``self.arch`` on the device, shard it, and return the optimizer's parameter groups."""
+        loop = self.cfg.train
+        self.arch = SSLMetaArch(self.cfg.backbone, self.cfg.heads, self.cfg.loss).to(self.device)
+        for net in (self.arch.student, self.arch.teacher):  # identical sharding -> shard-local EMA
+            parallelize(net, mesh=mesh, mp_policy=mp, activation_checkpointing=loop.activation_checkpointing,
+                        compile=loop.compile)
+            if mesh is not None:
+                from torch.distributed.fsdp import register_fsdp_forward_method
+
+                for _, backbone in backbone_modules(net):
+                    for method in ("forward_features", "forward_features_list"):
+                        register_fsdp_forward_method(backbone, method)
+        return build_param_groups(self.arch.student, self.cfg.optim)
+
+    def clip_modules(self) -> dict[str, torch.nn.Module]:
+        """The submodules whose gradients are clipped separately (DINOv2: backbone, dino_head, ibot_head)."""
+        return dict(self.arch.student.named_children())
+
+    def monitor(self, out: dict[str, Any]) -> dict[str, float]:
+        """Collapse monitors from the extras of ``compute_losses`` (every ``train.monitor_every`` steps)."""
+        ex = out["extras"]
+        return collapse_metrics(teacher_probs=ex["teacher_probs"], student_logits=ex["student_cls_logits"],
+                                student_temp=self.cfg.loss.student_temp, embeddings=ex["teacher_cls"].chunk(2)[0])
 
     # ------------------------------------------------------------------ state
     def _state(self, loader: WdsLoader | None) -> dict[str, Any]:
@@ -289,7 +305,7 @@ class Trainer:
         with ctx:
             loss, out = self.arch.compute_losses(batch, values.teacher_temp)
         loss.backward()
-        norms = clip_grad_per_module(dict(self.arch.student.named_children()), self.cfg.optim.clip_grad)
+        norms = clip_grad_per_module(self.clip_modules(), self.cfg.optim.clip_grad)
         finite = math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in norms.values())
         bad_ranks = self._bad_ranks(finite)
         if bad_ranks:
@@ -317,10 +333,7 @@ class Trainer:
                        **{f"grad_norm/{k}": v for k, v in norms.items()})
         metrics["mfu"] = self._mfu(batch, dt)
         if step % self.cfg.train.monitor_every == 0:
-            ex = out["extras"]
-            metrics.update(collapse_metrics(teacher_probs=ex["teacher_probs"], student_logits=ex["student_cls_logits"],
-                                            student_temp=self.cfg.loss.student_temp,
-                                            embeddings=ex["teacher_cls"].chunk(2)[0]))
+            metrics.update(self.monitor(out))
         return metrics
 
     def _bad_ranks(self, finite: bool) -> list[int]:
