@@ -1,6 +1,7 @@
 """Distributed infrastructure: process groups, FSDP2/AC/compile application and the shard-local EMA.
 
 This package is the only place in ``pretrain`` that applies parallelism; models stay plain ``nn.Module``s.
+``pretrain.parallel.plan`` dry-runs the sharding plan of a full-size job on a fake process group.
 """
 
 from pretrain.parallel.dist import (
