@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 
 import fsspec
 import numpy as np
@@ -47,7 +48,10 @@ class ResizePreprocess:
 def load_torchscript(url: str) -> torch.jit.ScriptModule:
     """Load a TorchScript file from a local path or any fsspec URL onto the CPU."""
     with fsspec.open(url, "rb") as f:
-        return torch.jit.load(io.BytesIO(f.read()), map_location="cpu")
+        data = f.read()
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch, but it is how SSCD and others ship
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
 
 
 class TorchEmbedder:
