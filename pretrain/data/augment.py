@@ -198,20 +198,27 @@ _HUE_OFFSETS = np.array([5.0, 3.0, 1.0], dtype=np.float32).reshape(3, 1, 1)
 
 
 class _Workspace:
-    """Preallocated float32 buffers for one view size: page faults of fresh large arrays dominate otherwise."""
+    """Preallocated float32 buffers for ``n_views`` views of one size (page faults of fresh large arrays would
+    dominate otherwise). Colour ops act on the selected view ``x``; blur, solarise and normalise run batched."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, n_views: int) -> None:
         s, r = size, min(_BLUR_RADIUS, size - 1)
-        self.r = r
-        self.x = np.empty((3, s, s), np.float32)  # the view, CHW, 0-255
+        self.size, self.r = s, r
+        self.stage = torch.empty((n_views, 3, s, s), dtype=torch.float32)  # the views, CHW, 0-255
+        self.stage_np = self.stage.numpy()  # shares memory
+        self.x = self.stage_np[0]
         self.t3 = np.empty((3, s, s), np.float32)
         self.u3 = np.empty((3, s, s), np.float32)
         self.planes = [np.empty((s, s), np.float32) for _ in range(4)]
         self.mask = np.empty((s, s), bool)
         self.mask3 = np.empty((3, s, s), bool)
-        self.x_t = torch.from_numpy(self.x)  # shares memory with x
-        self.pad_v_t = torch.empty((3, s + 2 * r, s), dtype=torch.float32)
-        self.pad_h_t = torch.empty((3, s, s + 2 * r), dtype=torch.float32)
+        self.pad_v = torch.empty((n_views, 3, s + 2 * r, s), dtype=torch.float32)
+        self.pad_h = torch.empty((n_views, 3, s, s + 2 * r), dtype=torch.float32)
+        self.blurred = torch.empty((n_views, 3, s, s), dtype=torch.float32)
+
+    def select(self, i: int) -> None:
+        """Make view ``i`` the target of the colour ops."""
+        self.x = self.stage_np[i]
 
     def gray(self, out: np.ndarray) -> np.ndarray:
         """Luma of ``self.x`` into ``out`` (one plane)."""
@@ -250,22 +257,20 @@ class _Workspace:
         np.minimum(c, b, out=c)
         np.subtract(mx, c, out=c)  # chroma
         # hue * chroma in sextants: blue max -> (r-g)+4c, green max -> (b-r)+2c, red max -> (g-b); red wins ties
+        np.multiply(c, 4.0, out=tmp)
         np.subtract(r, g, out=h)
-        h += c
-        h += c
-        h += c
-        h += c
-        np.subtract(b, r, out=tmp)
-        tmp += c
-        tmp += c
+        h += tmp
+        np.multiply(c, 2.0, out=tmp)
+        tmp += b
+        tmp -= r
         np.equal(mx, g, out=m)
-        np.copyto(h, tmp, where=m)
+        self._select(h, tmp, m)
         np.subtract(g, b, out=tmp)
         np.equal(mx, r, out=m)
-        np.copyto(h, tmp, where=m)
+        self._select(h, tmp, m)
         np.maximum(c, 1e-6, out=tmp)  # grey pixels: h = 0 and the output is V whatever the hue
         h /= tmp
-        h += 6.0 * shift + 12.0  # keep it positive for the floor-based modulo
+        h += 6.0 * shift + 12.0  # keep it positive for the floor-based modulo (masked ufuncs are slow)
         k, f = self.t3, self.u3
         np.add(h, _HUE_OFFSETS, out=k)  # HSV -> RGB: channel = V - C * clip(min(k, 4 - k), 0, 1), k = (n + h) mod 6
         np.multiply(k, 1.0 / 6.0, out=f)
@@ -278,36 +283,41 @@ class _Workspace:
         k *= c
         np.subtract(mx, k, out=x)
 
+    def _select(self, dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
+        """``dst[mask] = src[mask]`` as dst += mask * (src - dst): SIMD ufuncs, unlike masked (where=) ones."""
+        np.subtract(src, dst, out=src)
+        np.multiply(src, mask, out=src)
+        dst += src
+
     def grayscale(self) -> None:
         self.x[:] = self.gray(self.planes[0])
 
-    def blur(self, sigma: float) -> None:
-        """Separable 9-tap Gaussian (reflect padding) in place; shorter kernel on views under 9 pixels.
-
-        Runs as torch fused multiply-adds on views of the numpy buffers (half the memory passes of numpy)."""
-        r = self.r
-        if r < 1:
+    def blur(self, views: list[int], sigmas: list[float]) -> None:
+        """Separable 9-tap Gaussian with reflect padding of several views at once (one sigma each), in place;
+        a shorter kernel on views under 9 pixels. Torch fused multiply-adds, batched over the views."""
+        r, s, n = self.r, self.size, len(views)
+        if r < 1 or n == 0:
             return
-        k = _gaussian_kernel(sigma)[_BLUR_RADIUS - r : _BLUR_RADIUS + r + 1]
-        k = (k / k.sum()).tolist()
-        x, pv, ph = self.x_t, self.pad_v_t, self.pad_h_t
-        s = x.shape[1]
-        pv[:, r : r + s] = x
-        pv[:, :r] = x[:, 1 : r + 1].flip(1)
-        pv[:, r + s :] = x[:, s - 1 - r : s - 1].flip(1)
-        torch.mul(pv[:, 0:s], k[0], out=x)
-        for i in range(1, 2 * r + 1):
-            x.add_(pv[:, i : i + s], alpha=k[i])
-        ph[:, :, r : r + s] = x
-        ph[:, :, :r] = x[:, :, 1 : r + 1].flip(2)
-        ph[:, :, r + s :] = x[:, :, s - 1 - r : s - 1].flip(2)
-        torch.mul(ph[:, :, 0:s], k[0], out=x)
-        for i in range(1, 2 * r + 1):
-            x.add_(ph[:, :, i : i + s], alpha=k[i])
+        kernels = np.stack([_gaussian_kernel(sigma)[_BLUR_RADIUS - r : _BLUR_RADIUS + r + 1] for sigma in sigmas])
+        k = torch.from_numpy(kernels / kernels.sum(axis=1, keepdims=True)).view(n, 2 * r + 1, 1, 1, 1)
+        index = torch.tensor(views, dtype=torch.long)
+        x, y = self.stage.index_select(0, index), self.blurred[:n]
+        for pad, dim in ((self.pad_v[:n], 2), (self.pad_h[:n], 3)):
+            pad.narrow(dim, r, s).copy_(x)
+            pad.narrow(dim, 0, r).copy_(x.narrow(dim, 1, r).flip(dim))
+            pad.narrow(dim, r + s, r).copy_(x.narrow(dim, s - 1 - r, r).flip(dim))
+            torch.mul(pad.narrow(dim, 0, s), k[:, 0], out=y)
+            for i in range(1, 2 * r + 1):
+                y.addcmul_(pad.narrow(dim, i, s), k[:, i])
+            x = y
+        self.stage.index_copy_(0, index, y)
 
     def solarize(self, threshold: float) -> None:
         np.greater_equal(self.x, threshold, out=self.mask3)
-        np.subtract(255.0, self.x, out=self.x, where=self.mask3)
+        np.multiply(self.x, -2.0, out=self.t3)
+        self.t3 += 255.0
+        self.t3 *= self.mask3
+        self.x += self.t3  # x -> 255 - x where x >= threshold
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
@@ -358,47 +368,57 @@ class MultiCropAugment:
         src = _as_tensor(img)
         globals_ = torch.empty((2, 3, cfg.global_size, cfg.global_size), dtype=torch.float32)
         locals_ = torch.empty((cfg.n_local, 3, cfg.local_size, cfg.local_size), dtype=torch.float32)
-        ops = [
-            self._view(src, rng, "global1", globals_[0], cfg.global_scale, self._blur_p[0], 0.0),
-            self._view(src, rng, "global2", globals_[1], cfg.global_scale, self._blur_p[1], cfg.solarize_p),
-        ]
-        ops += [self._view(src, rng, "local", locals_[i], cfg.local_scale, self._blur_p[2], 0.0)
-                for i in range(cfg.n_local)]
+        ws = self._workspace(cfg.global_size, 2)
+        ops = [self._view(src, rng, "global1", ws, 0, cfg.global_scale, self._blur_p[0], 0.0),
+               self._view(src, rng, "global2", ws, 1, cfg.global_scale, self._blur_p[1], cfg.solarize_p)]
+        self._finish(ws, ops, globals_)
+        if cfg.n_local:
+            ws = self._workspace(cfg.local_size, cfg.n_local)
+            local_ops = [self._view(src, rng, "local", ws, i, cfg.local_scale, self._blur_p[2], 0.0)
+                         for i in range(cfg.n_local)]
+            self._finish(ws, local_ops, locals_)
+            ops += local_ops
         out = {"global": list(globals_.unbind(0)), "local": list(locals_.unbind(0))}
         if return_ops:
             out["ops"] = ops
         return out
 
-    def _workspace(self, size: int) -> _Workspace:
-        if size not in self._work:
-            self._work[size] = _Workspace(size)
-        return self._work[size]
+    def _workspace(self, size: int, n_views: int) -> _Workspace:
+        if (size, n_views) not in self._work:
+            self._work[size, n_views] = _Workspace(size, n_views)
+        return self._work[size, n_views]
 
-    def _view(self, src: torch.Tensor, rng, kind, out: torch.Tensor, scale, blur_p, solarize_p) -> ViewOps:
+    def _finish(self, ws: _Workspace, ops: list[ViewOps], out: torch.Tensor) -> None:
+        """Blur, solarise (after the blur, as the official order) and normalise a group of views into ``out``."""
+        blurred = [i for i, op in enumerate(ops) if op.blur_sigma is not None]
+        ws.blur(blurred, [ops[i].blur_sigma for i in blurred])
+        for i, op in enumerate(ops):
+            if op.solarize:
+                ws.select(i)
+                ws.solarize(self.cfg.solarize_threshold)
+        torch.addcmul(self._bias, ws.stage[: len(ops)], self._scale, out=out)  # (x - 255 mean) / (255 std)
+
+    def _view(self, src: torch.Tensor, rng: np.random.Generator, kind: str, ws: _Workspace, i: int,
+              scale: tuple[float, float], blur_p: float, solarize_p: float) -> ViewOps:
+        """Crop, flip and colour-jitter view ``i`` into the workspace; draw (not yet apply) blur and solarise."""
         cfg = self.cfg
-        size = out.shape[-1]
         box = sample_crop_box(rng, src.shape[-1], src.shape[-2], scale, cfg.ratio)
         left, top, w, h = box
-        view = _resize(src[:, :, top : top + h, left : left + w], size)[0]
-        ws = self._workspace(size)
+        view = _resize(src[:, :, top : top + h, left : left + w], ws.size)[0]
         flip = bool(rng.random() < cfg.flip_p)
-        ws.x_t.copy_(view.flip(-1) if flip else view)
+        ws.stage[i].copy_(view.flip(-1) if flip else view)
+        ws.select(i)
         jitter: tuple[tuple[str, float], ...] = ()
         if rng.random() < cfg.jitter_p:
             order = rng.permutation(4)
             factors = rng.uniform(self._jitter_lo, self._jitter_hi)
-            jitter = tuple((self._JITTER_OPS[i], float(factors[i])) for i in order)
+            jitter = tuple((self._JITTER_OPS[j], float(factors[j])) for j in order)
             for op, factor in jitter:
                 getattr(ws, op)(factor)
         gray = bool(rng.random() < cfg.grayscale_p)
         if gray:
             ws.grayscale()
         sigma = float(rng.uniform(*cfg.blur_sigma)) if rng.random() < blur_p else None
-        if sigma is not None:
-            ws.blur(sigma)
         solarize = bool(solarize_p > 0 and rng.random() < solarize_p)
-        if solarize:
-            ws.solarize(cfg.solarize_threshold)
-        torch.addcmul(self._bias, ws.x_t, self._scale, out=out)  # (x - 255 mean) / (255 std)
         return ViewOps(kind=kind, box=box, flip=flip, jitter=jitter, grayscale=gray, blur_sigma=sigma,
                        solarize=solarize)

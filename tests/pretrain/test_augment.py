@@ -159,7 +159,7 @@ def test_values_stay_in_range(photo):
 
 def test_colour_ops_match_reference_maths():
     rng = np.random.default_rng(1)
-    ws = _Workspace(9)
+    ws = _Workspace(9, 1)
     src = rng.uniform(0, 255, (3, 9, 9)).astype(np.float32)
     src[:, 0, :3] = 77.0  # grey pixels (zero chroma) keep their value under a hue shift
     src[:, 1, 0] = (200.0, 200.0, 10.0)  # ties between the max channels
@@ -194,21 +194,19 @@ def test_colour_ops_match_reference_maths():
 @pytest.mark.parametrize("size", [9, 5, 24])
 def test_blur_is_reflect_padded_gaussian(size):
     rng = np.random.default_rng(2)
-    ws = _Workspace(size)
+    ws = _Workspace(size, 3)
     src = rng.uniform(0, 255, (3, size, size)).astype(np.float32)
-    for sigma in (0.1, 1.0, 2.0):
-        ws.x[:] = src
-        ws.blur(sigma)
+    ws.stage_np[:] = src[None] + np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
+    ws.blur([2, 0, 1], [1.0, 0.1, 2.0])  # batched, one sigma per view, any order
+    for i, sigma in enumerate((0.1, 2.0, 1.0)):
         r = min(4, size - 1)
         k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
         k /= k.sum()
-        p = np.pad(src.astype(np.float64), ((0, 0), (r, r), (r, r)), mode="reflect")
-        ref = sum(k[i] * p[:, i : i + size, :] for i in range(2 * r + 1))
-        ref = sum(k[j] * ref[:, :, j : j + size] for j in range(2 * r + 1))
-        assert np.abs(ws.x - ref).max() < 1e-2, (size, sigma)
-    ws.x[:] = src
-    ws.blur(0.1)
-    assert np.abs(ws.x - src).max() < 1e-2  # sigma 0.1 is (numerically) the identity
+        p = np.pad(src.astype(np.float64) + i, ((0, 0), (r, r), (r, r)), mode="reflect")
+        ref = sum(k[t] * p[:, t : t + size, :] for t in range(2 * r + 1))
+        ref = sum(k[t] * ref[:, :, t : t + size] for t in range(2 * r + 1))
+        assert np.abs(ws.stage_np[i] - ref).max() < 1e-2, (size, sigma)
+    assert np.abs(ws.stage_np[0] - src).max() < 1e-2  # sigma 0.1 is (numerically) the identity
 
 
 def test_draft_decode_keeps_needed_size():
@@ -250,3 +248,13 @@ def test_draft_decode_keeps_needed_size():
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         MultiCropConfig(**kw)
+
+
+def test_config_builds_from_recipe_values():
+    from pretrain.utils.config import build, dump_toml, to_dict
+
+    cfg = build(MultiCropConfig, {"global_scale": [0.4, 1.0], "n_local": 6, "official_blur_inversion": True})
+    assert cfg.global_scale == (0.4, 1.0) and cfg.n_local == 6 and cfg.blur_probabilities[0] == 0.0
+    assert "global_scale = [0.4, 1.0]" in dump_toml(to_dict(cfg))
+    with pytest.raises(ValueError, match="local_scale"):
+        build(MultiCropConfig, {"local_scale": [0.5, 0.1]})

@@ -242,3 +242,15 @@ def test_reads_shards_over_http(shards):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_config_builds_from_recipe_values():
+    from pretrain.utils.config import build
+
+    cfg = build(WdsConfig, {"urls": ["s3://bucket/a-{000000..000009}.tar", "/data/b-{0..3}.tar"],
+                            "weights": [2, 1], "label_key": "cls", "num_workers": 2})
+    assert cfg.set_weights.tolist() == pytest.approx([2 / 3, 1 / 3]) and cfg.image_keys == ["jpg", "jpeg", "png",
+                                                                                              "webp"]
+    assert expand_shards(cfg.urls[0])[-1] == "s3://bucket/a-000009.tar"  # remote shards are not stat'ed
+    with pytest.raises(ValueError, match="num_workers"):
+        build(WdsConfig, {"urls": ["x.tar"], "num_workers": -1})
