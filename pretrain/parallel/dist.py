@@ -141,7 +141,13 @@ def _resolve_backend(backend: str) -> str:
 
 def _device_for(backend: str | None, local_rank: int) -> torch.device:
     if backend == "nccl" or (backend is None and torch.cuda.is_available()):
-        index = local_rank % max(torch.cuda.device_count(), 1)
+        # Ray Train names each worker's GPU in ACCELERATE_TORCH_DEVICE (its workers may see all GPUs of the node);
+        # torchrun/SLURM give one process per GPU in local-rank order.
+        named = os.environ.get("ACCELERATE_TORCH_DEVICE", "")
+        if named.startswith("cuda:") and named[5:].isdigit():
+            index = int(named[5:])
+        else:
+            index = local_rank % max(torch.cuda.device_count(), 1)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -155,7 +161,7 @@ def get_dist_info() -> DistInfo:
         return DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, backend=None, device=device)
     backend = str(dist.get_backend())
     uses_nccl = "nccl" in backend
-    device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
+    device = _device_for("nccl", launch.local_rank) if uses_nccl else torch.device("cpu")
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
