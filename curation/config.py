@@ -139,6 +139,14 @@ class DedupeConfig:
     """faiss index choice (exact below a size threshold, IVF above, by memory budget; GPU when present)."""
     references: list[ReferenceSet] = field(default_factory=list)
     """Reference (evaluation) sets; every component touching one of their images is dropped."""
+    background: list[str] = field(default_factory=list)
+    """Sources of a background set (distinct images like the pool's) for SSCD score normalisation: each edge
+    score becomes ``cos - beta * mean(bias_i, bias_j)``, bias = mean similarity to the ``background_k`` nearest
+    background images. Empty = no normalisation. Embedded with the same model into ``background/``."""
+    beta: float = 1.0
+    """Weight of the background bias (SSCD default 1.0)."""
+    background_k: int = 3
+    """Background neighbours averaged into each image's bias (SSCD: neighbours 0..2)."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -147,6 +155,8 @@ class DedupeConfig:
             v = getattr(self, name)
             if not -1.0 <= v <= 1.0:
                 raise ValueError(f"dedupe.{name} must be a cosine in [-1, 1], got {v}")
+        if self.background_k < 1 or self.beta < 0:
+            raise ValueError("dedupe.background_k must be >= 1 and dedupe.beta >= 0")
         names = [r.name for r in self.references]
         if len(set(names)) != len(names):
             raise ValueError(f"dedupe.references names must be unique, got {names}")

@@ -202,7 +202,8 @@ class ClusterStage(Stage):
     def run(self, executor: Executor) -> dict[str, Any]:
         cfg = self.config.cluster
         run_dir, store, h = self.run_dir, self.store, self.config_hash
-        train = self.run_parts(executor, "train", 1, partial(train_part, self.config, run_dir, store, h))[0]
+        train = self.run_parts(executor, "train", 1, partial(train_part, self.config, run_dir, store, h),
+                               num_cpus=cfg.train_cpus)[0]
         n_parts, _ = n_embedding_parts(run_dir)
         self.run_parts(executor, "assign", n_parts, partial(assign_part, self.config, run_dir, store, h))
         table = pa.concat_tables(

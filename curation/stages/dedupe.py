@@ -4,9 +4,11 @@ Copy detection (DINOv2 App. A.3) and the keep policy live in :mod:`curation.inde
 embeddings (and image areas as keep priority: the largest copy is kept), then for every reference set in
 ``dedupe.references`` ingests and embeds the reference images with the same model into
 ``references/<name>/``, matches the pool against them with the stricter ``decontam_threshold`` and drops every
-copy-detection component that holds a matching pool image. Outputs ``dedup/part-N`` (aligned with
-``embeddings/part-N``) and ``decontam/part-00000`` (pool uid, reference set, reference uid/uri, score).
-The whole pool is one computation, so an interrupted dedupe is recomputed (inputs are resumable parts).
+copy-detection component that holds a matching pool image. With ``dedupe.background`` the copy-detection
+scores are SSCD-normalised against that set (ingested and embedded into ``background/``). Outputs
+``dedup/part-N`` (aligned with ``embeddings/part-N``) and ``decontam/part-00000`` (pool uid, reference set,
+reference uid/uri, score). The whole pool is one computation, so an interrupted dedupe is recomputed (its
+inputs are resumable parts).
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class DedupeStage(Stage):
 
         cfg = self.config.dedupe
         refs = self._references(executor)
+        background = None
+        if cfg.background:
+            IngestStage(self.config, self.run_dir, "background").execute(executor)
+            EmbedStage(self.config, self.run_dir, "background").execute(executor)
+            background = load_embeddings(self.run_dir, "background")[1]
         uids, emb, sizes = load_embeddings(self.run_dir, self.prefix)
         n = len(uids)
         self._parts_total = self._parts_computed = len(sizes)
@@ -89,7 +96,8 @@ class DedupeStage(Stage):
         log.info("dedupe: copy detection over %d embeddings (k=%d, threshold=%.3f)", n, cfg.k, cfg.threshold)
         if n:
             priority = _areas(self.run_dir, uids)
-            res = copy_detect(emb, k=cfg.k, threshold=cfg.threshold, index=cfg.index, priority=priority)
+            res = copy_detect(emb, k=cfg.k, threshold=cfg.threshold, index=cfg.index, priority=priority,
+                              background=background, beta=cfg.beta, background_k=cfg.background_k, progress=True)
             component, keep = np.asarray(res.component, np.int64), np.asarray(res.keep, bool)
             nearest, score = np.asarray(res.nearest, np.int64), np.asarray(res.score, np.float32)
         else:
@@ -101,7 +109,7 @@ class DedupeStage(Stage):
             if not n or not len(ref_uids):
                 continue
             dec = decontaminate(emb, ref_emb, k=min(cfg.k, len(ref_uids)), threshold=cfg.decontam_threshold,
-                                index=cfg.index)  # fmt: skip
+                                index=cfg.index, progress=True)  # fmt: skip
             hit_components = np.unique(component[np.asarray(dec.drop, bool)])
             contaminated |= np.isin(component, hit_components)
             ref_uri = _uri_of(self.run_dir, reference_prefix(ref.name))

@@ -162,9 +162,11 @@ def collapse_part(store: PartStore, n_scan: int, n_buckets: int, config_hash: st
 
 
 def sources_for(config: RunConfig, prefix: str) -> list[str]:
-    """The sources ingested under ``prefix``: the pool (``""``) or a reference set (``references/<name>``)."""
+    """Sources ingested under ``prefix``: the pool (``""``), ``background`` or ``references/<name>``."""
     if not prefix:
         return list(config.ingest.sources)
+    if prefix == "background":
+        return list(config.dedupe.background)
     for ref in config.dedupe.references:
         if prefix == f"references/{ref.name}":
             return list(ref.sources)

@@ -17,7 +17,7 @@ from curation.io.lineage import lineage
 from curation.stages import LocalExecutor, run_stages
 from pretrain.utils.config import load_config
 
-from .conftest import jpeg_bytes, make_copy, photos
+from .conftest import jpeg_bytes, make_copy, photos, write_copy_corpus
 
 
 def _table(run_dir: str, sub: str) -> pa.Table:
@@ -98,3 +98,24 @@ def test_default_pipeline_finds_copies_and_decontaminates(tmp_path: Path):
     assert info["uid"] == uid_of[some_copy] and info["component"] == dedup[uid_of[some_copy]]["component"]
     assert info["kept"] == dedup[uid_of[some_copy]]["keep"]
     fsspec.filesystem("memory").rm("/copy-detection", recursive=True)
+
+
+def test_background_score_normalisation_lowers_scores(tmp_path: Path):
+    truth = write_copy_corpus(tmp_path / "pool", originals=6, copies=1, seed=11)
+    bg = tmp_path / "background"
+    bg.mkdir()
+    for name, im in photos(256)[-6:]:  # distinct photos, none of them in the pool
+        (bg / f"{name}.jpg").write_bytes(jpeg_bytes(im))
+    base = [f'ingest.sources=["{tmp_path / "pool"}"]']
+    plain = load_config(RunConfig, "curation/recipes/default.toml", base)
+    normed = load_config(RunConfig, "curation/recipes/default.toml",
+                         [*base, f'dedupe.background=["{bg}"]', "dedupe.threshold=0.3"])  # fmt: skip
+    run_stages(plain, "memory://bg-plain", LocalExecutor())
+    rec = run_stages(normed, "memory://bg-normed", LocalExecutor())
+    assert rec["dedupe"]["in"] == len(truth) == 10 and rec["dedupe"]["rejected"]["duplicate"] == 4
+    assert _table("memory://bg-normed", "background/manifest").num_rows == 6
+    a = {r["uid"]: r["score"] for r in _table("memory://bg-plain", "dedup").to_pylist()}
+    b = {r["uid"]: r["score"] for r in _table("memory://bg-normed", "dedup").to_pylist()}
+    assert all(b[u] < a[u] - 0.01 for u in a)  # every score lost its background bias
+    fsspec.filesystem("memory").rm("/bg-plain", recursive=True)
+    fsspec.filesystem("memory").rm("/bg-normed", recursive=True)
