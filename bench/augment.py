@@ -6,6 +6,10 @@ process's CPU time (the fairer figure on a shared machine). A calibration line (
 JPEG) shows how fast the core is right now; the load average shows how busy the machine is.
 
     .venv/bin/python bench/augment.py [--runs 5] [--n 60] [--global-size 224] [--local-size 98] [--n-local 8]
+                                      [--loader-workers 0 2]
+
+With ``--loader-workers``, it also times the whole ``WdsLoader`` (tar reading, decode, multi-crop, masks,
+collate; batches of 32) over temporary WebDataset shards of the ImageNet-sized JPEGs, per worker count.
 """
 
 from __future__ import annotations
@@ -64,6 +68,29 @@ def calibration_ms(jpeg: bytes, repeats: int = 200) -> float:
     return best * 1e3
 
 
+def loader_rate(jpegs: list[bytes], cfg: MultiCropConfig, workers: int, batches: int = 6) -> float:
+    """Samples/s of ``WdsLoader`` (after its first batch) over temporary shards of ``jpegs``."""
+    import tempfile
+
+    import webdataset as wds
+
+    from pretrain.data.loader import WdsLoader
+    from pretrain.data.wds import WdsConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with wds.ShardWriter(f"{tmp}/bench-%06d.tar", maxcount=64, verbose=0) as sink:
+            for i in range(256):
+                sink.write({"__key__": f"{i:06d}", "jpg": jpegs[i % len(jpegs)]})
+        wcfg = WdsConfig(urls=[f"{tmp}/bench-{{000000..000003}}.tar"], batch_size=32, num_workers=workers,
+                         shuffle_buffer=64)
+        it = iter(WdsLoader(wcfg, cfg, patch_size=14))
+        next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return batches * 32 / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per input (median and best reported)")
@@ -71,6 +98,8 @@ def main() -> None:
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=98)
     parser.add_argument("--n-local", type=int, default=8)
+    parser.add_argument("--loader-workers", type=int, nargs="*", default=[],
+                        help="also time WdsLoader end to end with these worker counts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = MultiCropConfig(global_size=args.global_size, local_size=args.local_size, n_local=args.n_local)
@@ -89,6 +118,9 @@ def main() -> None:
         print(f"{name:28s} wall: median {statistics.median(wall):6.1f} best {max(wall):6.1f} samples/s | "
               f"CPU time: median {statistics.median(cpu):6.1f} best {max(cpu):6.1f} samples/s per core "
               f"({1000 / statistics.median(cpu):.1f} ms/sample)")
+    for workers in args.loader_workers:
+        rate = loader_rate(inputs["imagenet-like 500x375 q90"], cfg, workers)
+        print(f"WdsLoader, {workers} workers, batch 32, imagenet-like: {rate:6.1f} samples/s (wall)")
 
 
 if __name__ == "__main__":
