@@ -47,8 +47,10 @@ class ClusterConfig:
     use_gpu: bool | None = None
     """faiss GPU for training: true, false, or unset (GPU when faiss sees one)."""
     threads: int = 0
-    """faiss threads in training and assignment tasks (0 = faiss default). Results are deterministic for a
-    given seed and thread count."""
+    """faiss threads in training and assignment tasks (0 = faiss default: the CPUs Ray reserved for the task).
+    Results are deterministic for a given seed and thread count."""
+    train_cpus: int = 1
+    """CPUs reserved for the training task (at most one node's CPUs; faiss trains with that many threads)."""
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -60,6 +62,7 @@ class ClusterConfig:
                 raise ValueError(f"cluster.levels[{i}].n_clusters={lvl.n_clusters} must not exceed the level above "
                                  f"({self.levels[i - 1].n_clusters}): each level clusters the previous centroids")
         _non_negative("cluster", self, "train_points", "target_size", "threads")
+        _positive("cluster", self, "train_cpus")
         if self.strategy not in ("random", "closest"):
             raise ValueError(f"cluster.strategy must be 'random' or 'closest', got {self.strategy!r}")
 

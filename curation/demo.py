@@ -375,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE")
     args = p.parse_args(argv)
+    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"),
+                       ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")):  # a private in-process Ray on this machine
+        os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_curation_demo(args.out_dir, pool_size=args.pool_size, n_seeds=args.seeds, num_cpus=args.num_cpus,
                                overrides=args.overrides)  # fmt: skip

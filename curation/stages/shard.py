@@ -228,6 +228,7 @@ class ShardStage(Stage):
     name = "shard"
     output = "shards"
     requires = ("dedupe",)
+    items_step = "shard"
 
     def _source(self) -> str:
         """Which selection to shard: ``selection``, ``balanced`` or ``dedup`` (see ``shard.selection``)."""
