@@ -15,7 +15,6 @@ Everything runs locally with embedded defaults; no network, no GPU. Figures are 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import time
@@ -24,13 +23,6 @@ from typing import Any
 
 logger = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _shard_pattern(shards_dir: Path) -> str:
-    tars = sorted(glob.glob(str(shards_dir / "*.tar")))
-    if not tars:
-        raise RuntimeError(f"curation wrote no shards under {shards_dir}")
-    return "::".join(tars)
 
 
 def _eval_shards(out: Path, n_train: int, n_test: int) -> tuple[str, str]:
@@ -88,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     curation = run_curation_demo(str(out / "curation"), **kwargs)
     summary["curation"] = curation
     summary["curation_seconds"] = round(time.perf_counter() - t0, 1)
-    shards = _shard_pattern(out / "curation" / "shards")
+    shards = str(curation["shards"])
 
     # 2. Pretraining on the curated shards
     from pretrain.train import TrainConfig, Trainer
@@ -132,15 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
+    from curation.demo import format_summary
+
     print("\n==================== dinoforge demo ====================")
-    for key, value in curation.items():
-        if not isinstance(value, (dict, list)):
-            print(f"curation  {key:32} {value}")
+    for line in format_summary(curation).splitlines():
+        print(f"curation  {line}")
     p_ = summary["pretrain"]
     print(f"pretrain  steps {p_['steps']}, loss {p_['first_loss']:.3f} -> {p_['last_loss']:.3f}")
     print(f"eval      k-NN top-1 (k=20) Fashion-MNIST test: pretrained teacher {summary['knn_top1_teacher']:.1f}% "
           f"vs random init {summary['knn_top1_random_init']:.1f}%")
     print(f"time      curation {summary['curation_seconds']} s, pretraining {summary['pretrain_seconds']} s, "
           f"eval {summary['eval_seconds']} s, total {summary['total_seconds']} s")
-    print(f"outputs   {out} (report: {out / 'curation' / 'report' / 'index.html'})")
+    print(f"outputs   {out} (summary: {out / 'demo_summary.json'})")
     return 0
