@@ -356,7 +356,7 @@ class MultiCropAugment:
         self._scale = 1.0 / (torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1) * 255.0)
         self._bias = -torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1) * 255.0 * self._scale
         self._blur_p = cfg.blur_probabilities
-        self._work: dict[int, _Workspace] = {}
+        self._work: dict[tuple[int, int], _Workspace] = {}
         lo = [max(0.0, 1 - cfg.brightness), max(0.0, 1 - cfg.contrast), max(0.0, 1 - cfg.saturation), -cfg.hue]
         hi = [1 + cfg.brightness, 1 + cfg.contrast, 1 + cfg.saturation, cfg.hue]
         self._jitter_lo, self._jitter_hi = np.asarray(lo), np.asarray(hi)
