@@ -37,7 +37,7 @@ def bar_chart(values: Sequence[float], labels: Sequence[str] | None = None, *, t
     img = Image.new("RGB", (width, height), BG)
     d = ImageDraw.Draw(img)
     f, fs = font(13), font(10)
-    left, right, top, bottom = 60, 12, 40 if title else 16, 70 if labels and len(values) <= 40 else 24
+    left, right, top, bottom = 60, 12, 40 if title else 16, 96 if labels and len(values) <= 40 else 24
     if title:
         d.text((left, 6), title, fill=FG, font=f)
     vmax = max([float(v) for v in values] + [1e-12])
@@ -59,7 +59,7 @@ def bar_chart(values: Sequence[float], labels: Sequence[str] | None = None, *, t
             t = f"{v:g}" if isinstance(v, float) else str(v)
             d.text((x0 + bw / 2 - _text_w(d, t, fs) / 2, top + plot_h - h - 12), t, fill=FG, font=fs)
         if labels and len(values) <= 40:
-            lab = str(labels[i])[:14]
+            lab = str(labels[i])[:24]
             tw = _text_w(d, lab, fs)
             lbl = Image.new("RGBA", (tw + 2, 14), (255, 255, 255, 0))
             ImageDraw.Draw(lbl).text((0, 0), lab, fill=FG, font=fs)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curation.decode import DecodeError, load_rgb
-from curation.io.fs import atomic_write_bytes, exists, join, read_json, read_parquet
+from curation.io.fs import atomic_write_bytes, exists, get_fs, join, read_json, read_parquet
 from curation.io.parts import PartStore, part_name
 from curation.io.sources import read_location
 from curation.report.draw import bar_chart, caption_tile, grid_rows, thumbnail
@@ -81,6 +81,16 @@ class ReportStage(Stage):
         upstream = [(read_json(join(self.run_dir, _OUTPUTS[s], "_SUCCESS.json")) or {}).get("config_hash")
                     for s in _STAGES]  # fmt: skip
         return (self.config.report, self.config.seed, upstream)
+
+    def execute(self, executor: Executor) -> dict[str, Any]:
+        """Like every stage, but a report drawn from other inputs (a stage added or rerun since) is redrawn
+        instead of refused: it is derived output only."""
+        rec = read_json(self.store.success_url)
+        if rec is not None and rec.get("config_hash") != self.config_hash:
+            log.info("report: the run changed since %s was drawn; drawing it again", self.store.output)
+            fs, path = get_fs(self.store.success_url)
+            fs.rm(path)
+        return super().execute(executor)
 
     def _success(self, stage: str) -> dict[str, Any] | None:
         return read_json(join(self.run_dir, _OUTPUTS[stage], "_SUCCESS.json"))

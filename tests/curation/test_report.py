@@ -53,6 +53,13 @@ def test_report_renders_offline_with_every_section(tmp_path):
     ret = Image.open(tmp_path / "run" / "report" / "retrieval.png")
     assert ret.height >= 2 * 48 and ret.width >= 150 + 3 * 48  # seed + its 2 neighbours per row
     assert f"<td>{dedupe['out']}</td>" in page  # kept images in the funnel table
-    # the report is part of the run's resume protocol: a rerun skips it
+    # the report is part of the run's resume protocol: a rerun skips it ...
     again = run_stages(cfg, run, LocalExecutor())["report"]
     assert again["config_hash"] == rec["config_hash"] and again["seconds"] == rec["seconds"]
+    # ... and a report drawn before the later stages ran is redrawn once they did
+    early = str(tmp_path / "early")
+    run_stages(cfg, early, LocalExecutor(), ["ingest", "embed", "dedupe", "report"])
+    first = (tmp_path / "early" / "report" / "index.html").read_text()
+    assert "The cluster stage did not run" in first and "retrieval.png" not in first
+    run_stages(cfg, early, LocalExecutor())
+    assert "retrieval.png" in (tmp_path / "early" / "report" / "index.html").read_text()
