@@ -161,7 +161,9 @@ class WdsLoader:
                      "workers": copy.deepcopy(self._workers)}
         cfg = self.cfg
         extra = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
-        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, **extra)
+        # a private generator for the workers' base seed keeps the global torch RNG untouched (nothing here uses it)
+        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                            generator=torch.Generator().manual_seed(cfg.seed), **extra)
         for batch in loader:
             state = batch.pop("_state")
             if batch["batch_index"] != self._consumed:  # the DataLoader broke its round-robin order

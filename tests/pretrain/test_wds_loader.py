@@ -153,8 +153,10 @@ def test_exact_resume(shards, num_workers, world_size):
         for a, b in zip(first + rest, straight):
             for key in ("global_crops", "local_crops", "masks", "labels", "sets"):
                 assert torch.equal(a[key], b[key]), key
+        rng_state = torch.get_rng_state()
         again = take(first_loader, n - k)  # iterating the same loader again continues too
         assert ids(again) == ids(rest)
+        assert torch.equal(torch.get_rng_state(), rng_state)  # the global torch RNG is left alone
     if world_size == 2:
         rank0 = ids(take(WdsLoader(cfg, CROPS, patch_size=7, rank=0, world_size=2), 4))
         rank1 = ids(take(WdsLoader(cfg, CROPS, patch_size=7, rank=1, world_size=2), 4))
