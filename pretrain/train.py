@@ -37,7 +37,7 @@ from pretrain.optim import (
     build_param_groups,
     clip_grad_per_module,
 )
-from pretrain.parallel import backbone_modules, device_mesh, init_distributed, parallelize
+from pretrain.parallel import device_mesh, init_distributed, parallelize
 from pretrain.ssl.meta_arch import BackboneConfig, LossConfig, SSLMetaArch
 from pretrain.ssl.monitors import collapse_metrics
 from pretrain.utils.config import dump_toml, load_config, to_dict
@@ -222,13 +222,7 @@ class Trainer:
         self.arch = SSLMetaArch(self.cfg.backbone, self.cfg.heads, self.cfg.loss).to(self.device)
         for net in (self.arch.student, self.arch.teacher):  # identical sharding -> shard-local EMA
             parallelize(net, mesh=mesh, mp_policy=mp, activation_checkpointing=loop.activation_checkpointing,
-                        compile=loop.compile)
-            if mesh is not None:
-                from torch.distributed.fsdp import register_fsdp_forward_method
-
-                for _, backbone in backbone_modules(net):
-                    for method in ("forward_features", "forward_features_list"):
-                        register_fsdp_forward_method(backbone, method)
+                        compile=loop.compile, forward_methods=("forward_features", "forward_features_list"))
         return build_param_groups(self.arch.student, self.cfg.optim)
 
     def clip_modules(self) -> dict[str, torch.nn.Module]:
@@ -269,7 +263,7 @@ class Trainer:
         latest = self.ckpt.latest_valid()
         if latest is None:
             return 0
-        meta = json.loads((self.ckpt.step_dir(latest) / "meta.json").read_text())
+        meta = self.ckpt.meta(latest)
         same_world = meta.get("world_size") == self.info.world_size
         step = int(meta["extra"]["next_step"])
         phase = self.phase_at(step)
