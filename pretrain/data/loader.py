@@ -224,6 +224,15 @@ class WdsLoader:
             if worker is not None:
                 for k in COUNTERS:
                     counters[k] += worker["counters"][k]
+        self.restart_at(self._consumed)
         self._counters_base = counters
-        self._base_batch, self._reseed = self._consumed, self._consumed + 1
+
+    def restart_at(self, batches: int) -> None:
+        """Approximate position without a matching state (e.g. after a world-size change): fresh streams,
+        reseeded by ``batches``, with batch indices (hence sample and mask seeds) continuing from ``batches``."""
+        if batches < 0:
+            raise ValueError(f"batches must be >= 0, got {batches}")
+        self._consumed = self._base_batch = int(batches)
+        self._reseed = self._consumed + 1
         self._workers = [None] * self.n_workers
+        self._counters_base = _empty_counters()

@@ -194,6 +194,9 @@ def test_layout_change_needs_non_strict(shards):
     batch = take(other, 1)[0]
     assert batch["batch_index"] == 2 and other.batches_consumed == 3
     assert not set(batch["keys"]) & set(k for _, k in ids(take(WdsLoader(cfg, CROPS, patch_size=7), 1)))
+    fresh = WdsLoader(cfg, CROPS, patch_size=7)
+    fresh.restart_at(5)  # no state at all, e.g. the other ranks' layout is gone
+    assert take(fresh, 1)[0]["batch_index"] == 5 and fresh.batches_consumed == 6
 
 
 def test_config_and_url_errors(shards):
