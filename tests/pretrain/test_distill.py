@@ -222,3 +222,54 @@ def test_distill_recipes_parse(recipe):
         assert cfg.phases[0].global_size == 518
     cfg = load_config(DistillConfig, str(recipe), ['teacher.weights="/x/teacher.pth"'])
     assert cfg.teacher.heads_path == "/x/teacher_heads.pth"
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+PARITY = {"train.optimizer": '"sgd"', "loss.koleo_distributed": "true", "schedule.warmup_epochs": "0",
+          "schedule.freeze_last_layer_epochs": "0", "schedule.base_lr": "2.0"}
+
+
+def _parity_run(rank: int, world: int, urls: str, teacher: str, out: str) -> dict:
+    from pretrain.checkpoint import full_state_dict
+
+    cfg = load_config(DistillConfig, TINY, overrides(urls, Path(teacher), **PARITY,
+                                                     **{"data.shards.batch_size": 4 // world}))
+    trainer = DistillTrainer(cfg, out)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(3):
+        views = torch.randn(2, 4, 3, 28, 28, generator=g), torch.randn(2, 4, 3, 14, 14, generator=g)
+        per = 4 // world  # crop-major: each rank takes its images of every view
+        batch = {"global_crops": views[0][:, rank * per:(rank + 1) * per].reshape(-1, 3, 28, 28),
+                 "local_crops": views[1][:, rank * per:(rank + 1) * per].reshape(-1, 3, 14, 14)}
+        losses.append(trainer.train_step(batch, step, trainer.phases[0])["loss"])
+    trainer.save(3, trainer.phases[0], None)
+    emas = {n: full_state_dict(trainer.arch.emas[n]) for n in ("a", "b")}
+    teacher_sd = full_state_dict(trainer.arch.teacher)
+    return {"losses": losses, "emas": {n: {k: v.numpy().copy() for k, v in sd.items()} for n, sd in emas.items()}
+            if rank == 0 else None, "teacher": {k: v.numpy().copy() for k, v in teacher_sd.items()} if rank == 0
+            else None}
+
+
+def test_fsdp_two_processes_equal_one(tmp_path, shards, teacher):
+    import numpy as np
+
+    from .._dist import run_distributed
+
+    single = _parity_run(0, 1, shards, str(teacher), str(tmp_path / "one"))
+    ranks = run_distributed(_parity_run, shards, str(teacher), str(tmp_path / "two"), world_size=2, timeout_s=300)
+    np.testing.assert_allclose(np.mean([r["losses"] for r in ranks], axis=0), single["losses"], atol=1e-5, rtol=0)
+    assert single["losses"][0] != single["losses"][2]
+    for name in ("a", "b"):
+        for k, v in single["emas"][name].items():
+            np.testing.assert_allclose(ranks[0]["emas"][name][k], v, atol=1e-5, err_msg=f"{name}.{k}")
+    for k, v in single["teacher"].items():  # the sharded teacher is still the frozen one
+        np.testing.assert_array_equal(ranks[0]["teacher"][k], v, err_msg=k)
+    # The 2-process checkpoint (students, EMAs, centers, optimizer) resumes in 1 process.
+    cfg = load_config(DistillConfig, TINY, overrides(shards, teacher, **PARITY, **{"data.shards.batch_size": 2}))
+    trainer = DistillTrainer(cfg, tmp_path / "two")
+    assert trainer.resume() == 3
+    for name in ("a", "b"):
+        resumed = trainer.arch.emas[name].state_dict()
+        for k, v in ranks[0]["emas"][name].items():
+            np.testing.assert_array_equal(resumed[k].numpy(), v, err_msg=f"{name}.{k}")
