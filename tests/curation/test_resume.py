@@ -64,7 +64,8 @@ def test_driver_sigkill_mid_embed_resumes_without_recomputing(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "CURATION_TEST_EMBED_DELAY": "0.4",
            "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
     cmd = [sys.executable, "-m", "curation", "run", "default", "--out", str(run)]
-    for o in [*_overrides(tmp_path / "src", "slow_descriptor"), "ingest.files_per_part=64", "embed.num_actors=1"]:
+    overrides = [*_overrides(tmp_path / "src", "slow_descriptor"), "ingest.files_per_part=64", "embed.num_actors=1"]
+    for o in overrides:
         cmd += ["--set", o]
     markers = run / "_work" / "embed" / "embed"
     try:
@@ -93,7 +94,7 @@ def test_driver_sigkill_mid_embed_resumes_without_recomputing(tmp_path):
     assert (run / "manifest" / "_SUCCESS.json").stat().st_mtime_ns == ingest_done  # finished before the kill: skipped
 
     reference = "memory://uninterrupted"
-    cfg = load_config(RunConfig, "curation/recipes/default.toml", _overrides(tmp_path / "src", "slow_descriptor"))
+    cfg = load_config(RunConfig, "curation/recipes/default.toml", overrides)
     run_stages(cfg, reference, LocalExecutor())
     got, want = _parquets(str(run)), _parquets(reference)
     assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
