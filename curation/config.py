@@ -45,12 +45,16 @@ class IngestConfig:
     """Loose files (or Parquet-listed URIs) per ingest task; each tar shard is one task."""
     rows_per_part: int = 4096
     """Target unique images per manifest part (also one embedding part)."""
+    collapse_tasks: int = 64
+    """Most tasks grouping exact duplicates; each reads every scan part once (a uid range of it)."""
     decode: DecodeLimits = field(default_factory=DecodeLimits)
     """Decode limits (minimum side, maximum pixels and file bytes, accepted formats)."""
 
     def __post_init__(self) -> None:
         if self.files_per_part < 1:
             raise ValueError(f"ingest.files_per_part must be >= 1, got {self.files_per_part}")
+        if self.collapse_tasks < 1:
+            raise ValueError(f"ingest.collapse_tasks must be >= 1, got {self.collapse_tasks}")
         if self.rows_per_part < 1:
             raise ValueError(f"ingest.rows_per_part must be >= 1, got {self.rows_per_part}")
         if not self.uri_column:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,11 +62,11 @@ class RayExecutor(Executor):
         remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=self.max_retries, retry_exceptions=False)
         fn_ref = ray.put(fn)
         pending: list[ray.ObjectRef] = []
-        queue = list(items)
+        queue = deque(items)
         with tqdm(total=len(queue), desc=desc, unit="part", leave=False) as bar:
             while queue or pending:
                 while queue and len(pending) < self.max_in_flight:
-                    pending.append(remote.remote(fn_ref, queue.pop(0)))
+                    pending.append(remote.remote(fn_ref, queue.popleft()))
                 ready, pending = ray.wait(pending, num_returns=1)
                 for ref in ready:
                     bar.update(1)

@@ -2,12 +2,13 @@
 
 Step ``scan`` (one part per work unit: a chunk of loose files or one tar shard, streamed) writes
 ``occurrences/part-N`` (one row per source occurrence, sorted by uid) and ``rejects/part-N``. Step ``collapse``
-(one part per uid range) groups the accepted occurrences by uid into ``manifest/part-N``: one row per unique
+(tasks over uid ranges) groups the accepted occurrences by uid into ``manifest/part-N``: one row per unique
 image with every URI holding those bytes. Bad files become reject rows; nothing here fails the run.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
@@ -29,7 +30,16 @@ from curation.io.parts import PartStore, part_name
 from curation.io.sources import IngestUnit, extension, member_uri, plan_units
 from curation.stages.base import Executor, Stage, merge_stats, register_stage
 
-__all__ = ["IngestStage", "check_bytes", "collapse_part", "manifest_parts", "scan_unit", "sources_for", "uid_range"]
+__all__ = [
+    "IngestStage",
+    "bucket_of",
+    "check_bytes",
+    "collapse_part",
+    "manifest_parts",
+    "scan_unit",
+    "sources_for",
+    "uid_range",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,39 +135,56 @@ def uid_range(bucket: int, n_buckets: int) -> tuple[str, str | None]:
     return lo, hi
 
 
-def collapse_part(store: PartStore, n_scan: int, n_buckets: int, config_hash: str, bucket: int) -> dict:
-    """Group accepted occurrences whose uid falls in ``bucket`` into ``manifest/part-<bucket>``."""
+def bucket_of(uids: list[str], n_buckets: int) -> list[int]:
+    """Manifest bucket of each uid, consistent with :func:`uid_range`."""
+    lows = [b * (1 << 32) // n_buckets for b in range(n_buckets)]
+    return [bisect.bisect_right(lows, int(u[:8], 16)) - 1 for u in uids]
+
+
+def _group(occ: pa.Table) -> list[dict[str, Any]]:
+    """One manifest row per uid of ``occ`` (sorted by uid, uri): first location, every URI."""
+    rows: list[dict[str, Any]] = []
+    records = occ.to_pylist()
+    start = 0
+    for j in range(1, len(records) + 1):
+        if j == len(records) or records[j]["uid"] != records[start]["uid"]:
+            group = records[start:j]
+            first = group[0]
+            uris = sorted({r["uri"] for r in group})
+            rows.append({k: first[k] for k in schemas.MANIFEST.names if k in first} | {"uris": uris})
+            start = j
+    return rows
+
+
+def collapse_part(store: PartStore, n_scan: int, n_buckets: int, per_task: int, config_hash: str, task: int) -> dict:
+    """Group accepted occurrences of buckets ``[task * per_task, ...)`` into their ``manifest/part-<bucket>``.
+
+    Each task reads every scan part once (pushing the uid range down to Parquet row groups), so the number of
+    reads is scan parts x collapse tasks, whatever the number of manifest parts.
+    """
     t0 = time.perf_counter()
-    lo, hi = uid_range(bucket, n_buckets)
+    first, last = task * per_task, min(n_buckets, (task + 1) * per_task) - 1
+    lo, hi = uid_range(first, n_buckets)[0], uid_range(last, n_buckets)[1]
     filters = [("status", "=", "ok"), ("uid", ">=", lo)] + ([("uid", "<", hi)] if hi else [])
     pieces = []
     for i in range(n_scan):
         fs, path = get_fs(store.data_url("occurrences", i))
         with fs.open(path, "rb") as f:
             pieces.append(pq.read_table(f, filters=filters, schema=schemas.SOURCES))
-    occ = pa.concat_tables(pieces).sort_by([("uid", "ascending"), ("uri", "ascending")]) if pieces else None
-    rows: list[dict[str, Any]] = []
-    if occ is not None and occ.num_rows:
-        records = occ.to_pylist()
-        start = 0
-        for j in range(1, len(records) + 1):
-            if j == len(records) or records[j]["uid"] != records[start]["uid"]:
-                group = records[start:j]
-                first = group[0]
-                uris = sorted({r["uri"] for r in group})
-                rows.append({k: first[k] for k in schemas.MANIFEST.names if k in first} | {"uris": uris})
-                start = j
-    manifest = pa.Table.from_pylist(rows, schema=schemas.MANIFEST)
-    write_parquet(store.data_url("manifest", bucket), manifest)
-    n_in = 0 if occ is None else occ.num_rows
+    occ = pa.concat_tables(pieces).sort_by([("uid", "ascending"), ("uri", "ascending")])
+    rows = _group(occ)
+    buckets = bucket_of([r["uid"] for r in rows], n_buckets)
+    for b in range(first, last + 1):
+        part = [r for r, rb in zip(rows, buckets) if rb == b]
+        write_parquet(store.data_url("manifest", b), pa.Table.from_pylist(part, schema=schemas.MANIFEST))
     stats = {
-        "part": bucket,
-        "in": n_in,
-        "out": manifest.num_rows,
-        "duplicates": n_in - manifest.num_rows,
+        "part": task,
+        "in": occ.num_rows,
+        "out": len(rows),
+        "duplicates": occ.num_rows - len(rows),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    store.mark_done("collapse", bucket, stats, config_hash)
+    store.mark_done("collapse", task, stats, config_hash)
     return stats
 
 
@@ -209,9 +236,10 @@ class IngestStage(Stage):
         )
         accepted = sum(s["out"] for s in scan)
         n_buckets = max(1, math.ceil(accepted / cfg.rows_per_part))
-        collapse = self.run_parts(
-            executor, "collapse", n_buckets, partial(collapse_part, self.store, len(units), n_buckets, self.config_hash)
-        )
+        per_task = math.ceil(n_buckets / min(n_buckets, cfg.collapse_tasks))
+        n_tasks = math.ceil(n_buckets / per_task)
+        fn = partial(collapse_part, self.store, len(units), n_buckets, per_task, self.config_hash)
+        collapse = self.run_parts(executor, "collapse", n_tasks, fn)
         stats = merge_stats(scan)
         unique = sum(s["out"] for s in collapse)
         stats.update(

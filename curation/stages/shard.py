@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.config import RunConfig
@@ -173,8 +174,6 @@ def shard_part(config: RunConfig, plan_url: str, store: PartStore, config_hash: 
     t0 = time.perf_counter()
     fs, path = get_fs(plan_url)
     with fs.open(path, "rb") as f:
-        import pyarrow.parquet as pq
-
         rows = pq.read_table(f, filters=[("shard", "=", index)]).sort_by("position").to_pylist()
     name = shard_name(config.shard.prefix, index)
     samples: list[tuple[str, dict[str, bytes]]] = []

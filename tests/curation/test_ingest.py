@@ -160,3 +160,15 @@ def test_ingest_source_errors_name_the_field(tmp_path):
     pq.write_table(pa.table({"path": ["x"]}), tmp_path / "l.parquet")
     with pytest.raises(ValueError, match="ingest.uri_column"):
         IngestStage(_config([str(tmp_path / "l.parquet")]), str(tmp_path / "r3")).execute(LocalExecutor())
+
+
+def test_fewer_collapse_tasks_give_the_same_manifest(corpus, tmp_path):
+    _, sources, _ = corpus
+    IngestStage(_config(sources), str(tmp_path / "a")).execute(LocalExecutor())
+    rec = IngestStage(_config(sources, "ingest.collapse_tasks=3"), str(tmp_path / "b")).execute(LocalExecutor())
+    assert rec["manifest_parts"] == 4 and rec["parts"] == 5 + 2  # 5 scan parts, 2 collapse tasks (2 buckets each)
+    for i in range(4):
+        name = f"manifest/part-{i:05d}.parquet"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    uids = _table(str(tmp_path / "b"), "manifest")["uid"].to_pylist()
+    assert uids == sorted(uids) and len(set(uids)) == 5
