@@ -90,11 +90,13 @@ class EmbedConfig:
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the L2-normalised embeddings."""
     num_actors: int = 0
-    """Embedding actors; 0 = one per GPU, or ``ray.num_cpus // cpus_per_actor`` CPU actors without GPUs."""
+    """Embedding actors; 0 = one per GPU the cluster has now, or ``CPUs // cpus_per_actor`` CPU actors without
+    GPUs. Set it on autoscaling clusters (GPU nodes appear only once actors ask for them)."""
     cpus_per_actor: int = 1
     """CPUs reserved per actor (decode threads inside it)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto`` uses CUDA (bf16 autocast) when the actor got a GPU."""
+    """``auto``: GPU actors (bf16 autocast) when the cluster has GPUs; ``cuda``: always ask for one GPU per actor
+    (autoscaling clusters); ``cpu``: CPU actors. The built-in descriptor always runs on CPU actors."""
 
     def __post_init__(self) -> None:
         if self.image_size < 8:

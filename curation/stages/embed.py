@@ -135,17 +135,19 @@ class EmbedStage(Stage):
         ingest = IngestStage(self.config, self.run_dir, self.prefix)
         return (ingest.config_hash, self.config.embed)
 
-    def _pool(self, executor: Executor) -> tuple[int, float, float]:
+    def pool(self, executor: Executor) -> tuple[int, float, float]:
+        """``(actors, CPUs per actor, GPUs per actor)``: one actor per GPU when the cluster has GPUs or
+        ``embed.device = "cuda"`` (an autoscaler then adds GPU nodes for them), CPU actors otherwise."""
         cfg = self.config.embed
-        gpus = executor.num_gpus if cfg.device != "cpu" and cfg.model != "descriptor" else 0
-        if gpus:
-            return cfg.num_actors or gpus, cfg.cpus_per_actor, 1.0
+        gpus = executor.num_gpus if cfg.device == "auto" else 0
+        if cfg.model != "descriptor" and (gpus or cfg.device == "cuda"):
+            return cfg.num_actors or max(1, gpus), cfg.cpus_per_actor, 1.0
         return cfg.num_actors or max(1, executor.num_cpus // cfg.cpus_per_actor), cfg.cpus_per_actor, 0.0
 
     def run(self, executor: Executor) -> dict[str, Any]:
         ingest_store = PartStore(self.run_dir, "ingest", IngestStage.output, self.prefix)
         manifest = manifest_parts(ingest_store)
-        concurrency, cpus, gpus = self._pool(executor)
+        concurrency, cpus, gpus = self.pool(executor)
         config, store, h = self.config, self.store, self.config_hash
         parts = self.run_parts(
             executor,

@@ -162,3 +162,31 @@ def test_embed_config_errors_name_the_field():
         load_config(RunConfig, None, ['embed.model="clip"'])
     with pytest.raises(ValueError, match="cannot be imported"):
         build_embedder(load_config(RunConfig, None, ['embed.model="plugin"', 'embed.factory="nope.mod:fn"']).embed)
+
+
+class _FakeCluster(LocalExecutor):
+    def __init__(self, cpus: int, gpus: int) -> None:
+        self.cpus, self.gpus = cpus, gpus
+
+    @property
+    def num_cpus(self) -> int:
+        return self.cpus
+
+    @property
+    def num_gpus(self) -> int:
+        return self.gpus
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cpus", "gpus", "expected"),
+    [
+        (['embed.model="backbone"'], 16, 4, (4, 1, 1.0)),  # one actor per GPU
+        (['embed.model="backbone"', "embed.cpus_per_actor=4"], 16, 0, (4, 4, 0.0)),  # CPU actors
+        (['embed.model="backbone"', 'embed.device="cuda"', "embed.num_actors=8"], 4, 0, (8, 1, 1.0)),  # autoscaling
+        (['embed.model="backbone"', 'embed.device="cpu"'], 8, 2, (8, 1, 0.0)),
+        ([], 8, 2, (8, 1, 0.0)),  # the descriptor is CPU work
+    ],
+)
+def test_actor_pool_shape(overrides, cpus, gpus, expected):
+    stage = EmbedStage(load_config(RunConfig, None, overrides), "memory://unused")
+    assert stage.pool(_FakeCluster(cpus, gpus)) == expected
