@@ -177,6 +177,10 @@ class DistillMetaArch(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"students.name must be unique, got {names}")
         self.loss_cfg = loss
+        fs, path = fsspec.core.url_to_fs(teacher.weights)
+        if not fs.exists(path):
+            raise ValueError(f"teacher.weights: {teacher.weights} does not exist; set it to the teacher backbone "
+                             "(e.g. --set teacher.weights=runs/<teacher>/export/teacher.pth)")
         backbone = build_backbone(teacher.name, weights=teacher.weights, drop_path_rate=0.0, **teacher.overrides)
         heads_sd, self.heads_cfg, centers, in_dim = load_teacher_heads(teacher.heads_path)
         if in_dim != backbone.embed_dim:

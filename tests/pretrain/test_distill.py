@@ -196,6 +196,8 @@ def test_teacher_centers_carry_over_and_errors_name_the_field(tmp_path, teacher)
     export_backbone(build_backbone("vit_test", patch_size=7), str(bare / "teacher.pth"), name="vit_test")
     with pytest.raises(ValueError, match="teacher.heads"):
         DistillMetaArch(TeacherConfig(weights=str(bare / "teacher.pth")), [student], LossConfig())
+    with pytest.raises(ValueError, match="teacher.weights: .* does not exist"):
+        DistillMetaArch(TeacherConfig(weights=str(tmp_path / "none.pth")), [student], LossConfig())
     with pytest.raises(ValueError, match="patch_size"):
         DistillMetaArch(TeacherConfig(weights=str(teacher)), [StudentConfig(name="s", arch="vit_test")], LossConfig())
     with pytest.raises(ValueError, match="students.overrides.drop_path_rate"):
