@@ -1,0 +1,104 @@
+"""Smoke tests of bench/train_step.py and bench/ssl_sanity.py on tiny settings (figures, not timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "pretrain" / "recipes" / "tiny_cpu.toml")
+#: vit_test (dim 32, depth 2) at 28 / 14 px with small heads: seconds per step even on a loaded machine.
+TINY_SETS = ['backbone.name="vit_test"', "backbone.overrides={patch_size = 7, img_size = 28}",
+             "data.crops.global_size=28", "data.crops.local_size=14", "heads.out_dim=64", "heads.hidden_dim=32",
+             "heads.bottleneck_dim=16"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train_step = _load("train_step")
+ssl_sanity = _load("ssl_sanity")
+
+
+def test_synthetic_batch_is_shaped_like_the_collate_output():
+    from pretrain.data.masking import MaskingConfig
+
+    b = train_step.synthetic_batch(3, 4, 56, 28, 7, MaskingConfig(), seed=0)
+    assert b["global_crops"].shape == (6, 3, 56, 56)
+    assert b["local_crops"].shape == (12, 3, 28, 28)
+    assert b["masks"].shape == (6, 64) and b["masks"].dtype == torch.bool
+    assert torch.equal(b["mask_indices"], b["masks"].flatten().nonzero().flatten())
+    assert int(b["n_masked_patches"]) == b["mask_indices"].numel() <= b["upperbound"]
+    masked_images = int(b["masks"].any(dim=1).sum())
+    assert masked_images == 3  # half of the 2B global crops
+    assert math.isclose(float(b["masks_weight"].sum()), masked_images, rel_tol=1e-6)  # 1 / m_b per patch
+
+
+def test_train_step_bench_prints_a_row_per_precision(capsys, tmp_path):
+    out = tmp_path / "rows.json"
+    rows = train_step.main(["--recipe", TINY, "--models", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1",
+                            "--precisions", "fp32", "bf16", "--device", "cpu", "--threads", "1", "--n-local", "2",
+                            "--json", str(out), *[a for s in TINY_SETS for a in ("--set", s)]])
+    text = capsys.readouterr().out
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"], text
+    for r in rows:
+        assert (r["global_size"], r["local_size"], r["n_local"]) == (28, 14, 2)
+        assert len(r["step_times"]) == 2 and r["s_per_step"] > 0
+        assert r["min_img_per_s"] <= r["img_per_s"] <= r["max_img_per_s"]
+        assert r["peak_mb"] > 10 and math.isfinite(r["loss"]) and r["mfu"] is None  # no MFU on CPU
+        assert 0.01 < r["params_m"] < 1.0
+    assert "tiny     fp32" in text and "tiny     bf16" in text and "2x28+2x14" in text
+    assert len(json.loads(out.read_text())) == 2
+
+
+def test_loss_curve_windows_and_verdict():
+    records = [{"step": s, "loss": 10.0 - 0.1 * s, "dino": 1.0, "lr": 1e-3, "teacher_temp": 0.04, "img_per_s": 5.0}
+               for s in range(1, 11)]
+    curve = ssl_sanity.loss_curve(records, 4)
+    assert [r["steps"] for r in curve] == ["1-4", "5-8", "9-10"]
+    assert curve[0]["loss"] == pytest.approx(np.mean([9.9, 9.8, 9.7, 9.6]))
+    log_k = math.log(64)
+    healthy = {"teacher_entropy": 2.0, "teacher_marginal_entropy": 4.0, "effective_rank": 6.0,
+               "embedding_std": 0.05}
+    assert all(ok for _, ok, _ in ssl_sanity.verdict(curve, healthy, healthy, log_k))
+    sharp = {**healthy, "teacher_entropy": 0.01, "teacher_marginal_entropy": 0.02}
+    uniform = {**healthy, "teacher_entropy": 0.99 * log_k}
+    flat = {**healthy, "effective_rank": 1.0}
+    failed = {name: [n for n, ok, _ in ssl_sanity.verdict(curve, healthy, end, log_k) if not ok]
+              for name, end in (("sharp", sharp), ("uniform", uniform), ("flat", flat))}
+    assert failed == {"sharp": ["teacher entropy away from 0", "many prototypes used"],
+                      "uniform": ["teacher entropy away from log K"], "flat": ["CLS features not collapsed"]}
+    rising = [{**r, "loss": r["loss"] + 0.5 * i} for i, r in enumerate(curve)]
+    assert not ssl_sanity.verdict(rising, healthy, healthy, log_k)[0][1]
+
+
+def test_ssl_sanity_runs_end_to_end(capsys, tmp_path):
+    code = ssl_sanity.main(["--steps", "12", "--batch", "8", "--train-images", "64", "--knn-train", "60",
+                            "--knn-test", "30", "--window", "4", "--workers", "0", "--out", str(tmp_path),
+                            *[a for s in TINY_SETS for a in ("--set", s)]])
+    text = capsys.readouterr().out
+    summary = json.loads((tmp_path / "ssl_sanity.json").read_text())
+    assert code == (0 if summary["ok"] else 1)
+    assert summary["steps"] == 12 and [r["steps"] for r in summary["curve"]] == ["1-4", "5-8", "9-12"]
+    assert [m["step"] for m in summary["monitors"]] == [1, 5, 9]  # monitors every --window steps from step 0
+    assert summary["log_k"] == pytest.approx(math.log(64))
+    for m in summary["monitors"]:
+        assert 0.0 <= m["teacher_entropy"] <= math.log(64) + 1e-4
+    for which in ("knn_random_init", "knn_teacher"):
+        assert set(summary[which]) == {"10", "20"} and all(0 <= v <= 100 for v in summary[which].values())
+    assert summary["gain"] == pytest.approx(summary["knn_teacher"]["20"] - summary["knn_random_init"]["20"])
+    assert (tmp_path / "run" / "export" / "teacher.pth").is_file()
+    for section in ("loss", "collapse monitors", "verdict:", "k-NN top-1 on 30", "k-NN gain at k=20"):
+        assert section in text
