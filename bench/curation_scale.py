@@ -123,14 +123,14 @@ def child_dedup(args: argparse.Namespace) -> dict:
     return out
 
 
-def _levels(spec: str):
+def _levels(spec: str, args: argparse.Namespace):
     from curation.index import LevelConfig
 
     out = []
     for part in spec.split(","):
         k, steps, r = (int(v) for v in part.split(":"))
-        out.append(LevelConfig(n_clusters=k, n_resampling_steps=steps, sample_size=r, niter=10,
-                               max_points_per_centroid=64))
+        out.append(LevelConfig(n_clusters=k, n_resampling_steps=steps, sample_size=r, niter=args.kmeans_niter,
+                               max_points_per_centroid=args.kmeans_mppc))
     return out
 
 
@@ -158,7 +158,7 @@ def child_hkmeans(args: argparse.Namespace) -> dict:
     x, _ = clustered(args.n, args.dim, seed=args.seed, dup_frac=0.0)
     rss_data = _rss_now_mb()
     c0, t0 = _cpu_s(), time.perf_counter()
-    levels = hierarchical_kmeans(x, _levels(args.levels), seed=args.seed)
+    levels = hierarchical_kmeans(x, _levels(args.levels, args), seed=args.seed)
     t1 = time.perf_counter()
     sel = balanced_sample([lvl.assignment for lvl in levels], args.n // 10, seed=args.seed)
     t2, c2 = time.perf_counter(), _cpu_s()
@@ -204,10 +204,11 @@ def main() -> None:
     p.add_argument("--recall-sample", type=int, default=10_000, help="queries for the edge recall vs exact")
     p.add_argument("--kmeans-k", type=int, default=10_000)
     p.add_argument("--kmeans-niter", type=int, default=10)
-    p.add_argument("--kmeans-mppc", type=int, default=64, help="max points per centroid (training sample)")
-    p.add_argument("--levels", default="10000:1:10,1000:3:5,100:3:3", help="n_clusters:resampling_steps:sample")
+    p.add_argument("--kmeans-mppc", type=int, default=32, help="max points per centroid (training sample)")
+    p.add_argument("--levels", default="10000:1:1,1000:3:5,100:3:3", help="n_clusters:resampling_steps:sample")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--repeat-max", type=float, default=1e5, help="sizes above this run once")
+    p.add_argument("--kmeans-repeats", type=int, default=1, help="repeats for kmeans/hkmeans (expensive)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -223,7 +224,7 @@ def main() -> None:
           "(shared machine: other jobs inflate times)", flush=True)
     rows = []
     for task, n in jobs:
-        reps = args.repeats if n <= args.repeat_max else 1
+        reps = (args.repeats if task == "dedup" else args.kmeans_repeats) if n <= args.repeat_max else 1
         runs = [_run_child(task, n, args) for _ in range(reps)]
         row = dict(runs[0])
         row["seconds"] = statistics.median(r["seconds"] for r in runs)

@@ -12,7 +12,8 @@ from curation.index.dedup import (
     decontaminate,
 )
 from curation.index.hkmeans import Level, LevelConfig, closest_per_cluster, hierarchical_kmeans
-from curation.index.kmeans import assign, lloyd_refine, spherical_kmeans
+from curation.index.join import SimilarityGraph, similarity_join
+from curation.index.kmeans import INIT_METHODS, assign, lloyd_refine, spherical_kmeans
 from curation.index.retrieval import (
     CollisionStats,
     collision_counts,
@@ -24,10 +25,10 @@ from curation.index.search import FaissIndex, as_unit_float32, build_index, knn_
 from curation.index.unionfind import component_sizes, connected_components
 
 __all__ = [
-    "CollisionStats", "DecontamResult", "DedupResult", "FaissIndex", "IndexConfig", "IndexPlan", "Level",
-    "LevelConfig", "as_unit_float32", "assign", "background_bias", "balanced_sample", "build_index",
-    "closest_per_cluster", "cluster_sizes", "collision_counts", "collision_stats", "component_sizes",
-    "components_from_knn",
-    "connected_components", "copy_detect", "decontaminate", "hierarchical_kmeans", "knn_search", "lloyd_refine",
-    "plan_index", "retrieve_by_cluster", "retrieve_knn", "self_knn", "spherical_kmeans", "waterfill",
+    "INIT_METHODS", "CollisionStats", "DecontamResult", "DedupResult", "FaissIndex", "IndexConfig", "IndexPlan",
+    "Level", "LevelConfig", "SimilarityGraph", "as_unit_float32", "assign", "background_bias", "balanced_sample",
+    "build_index", "closest_per_cluster", "cluster_sizes", "collision_counts", "collision_stats", "component_sizes",
+    "components_from_knn", "connected_components", "copy_detect", "decontaminate", "hierarchical_kmeans",
+    "knn_search", "lloyd_refine", "plan_index", "retrieve_by_cluster", "retrieve_knn", "self_knn",
+    "similarity_join", "spherical_kmeans", "waterfill",
 ]

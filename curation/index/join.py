@@ -54,6 +54,7 @@ class _Collector:
         self.partner = np.full(n, -1, dtype=np.int64)
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending = 0
+        self.compacted = 0
         self.k = 0
 
     def add(self, q_ids: np.ndarray, m_ids: np.ndarray, sims: np.ndarray) -> None:
@@ -69,9 +70,9 @@ class _Collector:
         if len(r):
             self.parts.append((q_ids[r], m_ids[c], sims[r, c]))
             self.pending += len(r)
-            if self.pending > max(self.MAX_PENDING, 4 * len(self.best) * self.k):  # bound memory on dense data
+            if self.pending > max(self.MAX_PENDING, 2 * self.compacted):  # bound memory on dense data
                 self.parts = [self.finish(self.k)]
-                self.pending = len(self.parts[0][0])
+                self.pending = self.compacted = len(self.parts[0][0])
 
     #: Candidate edges held before an intermediate top-k compaction.
     MAX_PENDING = 1 << 24
@@ -165,6 +166,10 @@ def similarity_join(x: np.ndarray, *, k: int, threshold: float, index: IndexConf
     threshold and the top-k.
     """
     x = as_unit_float32(x, "emb")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if not np.isfinite(threshold) or not np.isfinite(beta):
+        raise ValueError(f"threshold and beta must be finite, got {threshold!r} and {beta!r}")
     cfg = index or IndexConfig()
     n = len(x)
     if bias is not None:
