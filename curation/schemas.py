@@ -1,6 +1,6 @@
 """Arrow schemas of every curation artifact, defined once.
 
-``SOURCES`` (``ingest/sources/part-*``): one row per source occurrence (file or tar member), before exact
+``SOURCES`` (``occurrences/part-*``): one row per source occurrence (file or tar member), before exact
 duplicates collapse. ``MANIFEST``: one row per unique accepted image (uid = sha1 of the bytes) with every URI it
 was found at; ``uri``/``container``/``offset``/``size`` locate the bytes to read back. ``REJECTS``: one row per
 rejected occurrence. ``embeddings(dim, dtype)``, ``DEDUP`` and ``DECONTAM`` follow the stages of the same names.
