@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+#: Image formats listed too (so they are accounted as ``unsupported_format`` rejects) but never decoded.
+UNSUPPORTED_EXTENSIONS = ("ico", "heic", "heif", "avif", "jp2", "jxl", "svg", "psd")
 
 
 @dataclass(kw_only=True)
@@ -39,8 +41,9 @@ class IngestConfig:
     """Directories, globs, ``.tar`` shards (brace patterns allowed) or ``.parquet`` URI lists, on any fsspec fs."""
     uri_column: str = "uri"
     """Column holding image URIs in Parquet sources."""
-    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
-    """File extensions treated as images when listing directories and tar shards."""
+    extensions: list[str] = field(default_factory=lambda: [*IMAGE_EXTENSIONS, *UNSUPPORTED_EXTENSIONS])
+    """File extensions picked up when listing directories and tar shards (other files, e.g. WebDataset ``.json``
+    side files, are skipped and counted); formats that cannot be decoded end in ``rejects/``."""
     files_per_part: int = 512
     """Loose files (or Parquet-listed URIs) per ingest task; each tar shard is one task."""
     rows_per_part: int = 4096
