@@ -47,6 +47,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from pretrain.utils.dist import is_dist, rank, world_size
+
 __all__ = [
     "CheckpointInfo",
     "Checkpointer",
@@ -65,16 +67,7 @@ _MARKER = ".complete"
 _META = "meta.json"
 
 
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _is_dist() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _is_dist() else 1
+_is_dist, _rank, _world_size = is_dist, rank, world_size
 
 
 def _barrier() -> None:
