@@ -276,7 +276,7 @@ class Trainer:
             logger.warning("resuming on %d processes from a %s-process checkpoint: model and optimizer are exact, "
                            "the data streams restart reseeded after %d batches", self.info.world_size,
                            meta.get("world_size"), data)
-            loader.load_state_dict({**loader.state_dict(), "batches": data, "world_size": -1}, strict=False)
+            loader.restart_at(data)
         self._resumed_loader = (phase.index, loader)
         logger.info("resumed from checkpoint step %d", latest)
         return step
