@@ -3,7 +3,8 @@ scratch?
 
 1. Writes Fashion-MNIST shards (28 px PNG + ``cls``): a training set, a k-NN bank (train split) and a test set.
 2. Pretrains a tiny teacher with the trainer: ``python -m pretrain train pretrain/recipes/tiny_cpu.toml``
-   (vit_mini, patch 7, 28 px global / 14 px local crops, ``--steps`` iterations).
+   (vit_mini, patch 7, 28 px global / 14 px local crops, ``--steps`` iterations; LayerScale init 1e-5 as in
+   DINOv2 unless ``--init-values`` is given, for every model).
 3. Distils it into a smaller student: ``python -m pretrain distill pretrain/recipes/distill_tiny_cpu.toml``
    (one vit_test student, the same data, batch and number of steps).
 4. Trains the same vit_test from scratch with the trainer for the same number of steps.
@@ -14,7 +15,7 @@ scratch?
 Every command runs with ``OMP_NUM_THREADS=1``: on a small shared CPU box, two OpenMP threads fighting for cores
 made each step 5-10x slower. Usage::
 
-    .venv/bin/python bench/distill_fmnist.py --workdir /tmp/distill_fmnist [--steps 300]
+    .venv/bin/python bench/distill_fmnist.py --workdir /tmp/distill_fmnist [--steps 150] [--init-values 0.1]
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from pretrain.models import build_backbone
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "pretrain" / "recipes" / "tiny_cpu.toml")
 DISTILL = str(ROOT / "pretrain" / "recipes" / "distill_tiny_cpu.toml")
-STUDENT = "{patch_size = 7, img_size = 28}"
 
 
 def _data(work: Path, n_train: int, n_bank: int, n_test: int) -> tuple[str, str, str]:
@@ -74,8 +74,9 @@ def _run(cmd: str, recipe: str, out: Path, sets: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _knn(weights: Path, bank: str, test: str) -> dict[int, float]:
-    model = build_backbone(None, weights=str(weights)).eval()
+def _knn(weights: Path | torch.nn.Module, bank: str, test: str) -> dict[int, float]:
+    model = weights if isinstance(weights, torch.nn.Module) else build_backbone(None, weights=str(weights))
+    model.eval()
     data = DataConfig(train=bank, test=test, image_size=28, resize_size=28)
     result = knn_eval_model(model, data, ExtractConfig(batch_size=256, num_workers=0, device="cpu"),
                             KnnConfig(ks=[10, 20]))
@@ -85,11 +86,14 @@ def _knn(weights: Path, bank: str, test: str) -> dict[int, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="/tmp/distill_fmnist", help="shards, runs and results.json go here")
-    p.add_argument("--steps", type=int, default=300, help="iterations of each run (teacher, distill, scratch)")
+    p.add_argument("--steps", type=int, default=150, help="iterations of each run (teacher, distill, scratch)")
     p.add_argument("--batch", type=int, default=64, help="images per step")
     p.add_argument("--n-train", type=int, default=10000, help="training images (Fashion-MNIST train split)")
     p.add_argument("--n-bank", type=int, default=5000, help="k-NN bank images (train split, class-balanced)")
     p.add_argument("--n-test", type=int, default=2000, help="test images (test split, class-balanced)")
+    p.add_argument("--init-values", type=float, default=None,
+                   help="LayerScale init of every model (default: DINOv2's 1e-5, with which an untrained ViT's CLS "
+                        "k-NN is at chance; 0.1 makes even random features reach ~55%% on Fashion-MNIST)")
     args = p.parse_args()
     if args.steps % 6:
         p.error("--steps must be a multiple of 6 (the tiny recipes have 6 epochs)")
@@ -97,15 +101,19 @@ def main() -> int:
     work = Path(args.workdir)
     urls, bank, test = _data(work, args.n_train, args.n_bank, args.n_test)
     common = _common(urls, args.steps, args.batch)
+    init = {} if args.init_values is None else {"init_values": args.init_values}
+    vit = "{patch_size = 7, img_size = 28" + "".join(f", {k} = {v}" for k, v in init.items()) + "}"
     times = {}
     times["teacher"] = _run("train", TINY, work / "teacher", common + [
-        "backbone.overrides=" + STUDENT, "phases=[]"])
+        "backbone.overrides=" + vit, "phases=[]"])
     times["distill"] = _run("distill", DISTILL, work / "distill", common + [
         f'teacher.weights="{work / "teacher" / "export" / "teacher.pth"}"',
-        f'students=[{{name = "vit_test", arch = "vit_test", overrides = {STUDENT}}}]'])
+        f'students=[{{name = "vit_test", arch = "vit_test", overrides = {vit}}}]'])
     times["scratch"] = _run("train", TINY, work / "scratch", common + [
-        'backbone.name="vit_test"', "backbone.overrides=" + STUDENT, "phases=[]"])
-    rows = {
+        'backbone.name="vit_test"', "backbone.overrides=" + vit, "phases=[]"])
+    torch.manual_seed(0)
+    rows: dict[str, Path | torch.nn.Module] = {
+        "vit_test untrained (reference)": build_backbone("vit_test", patch_size=7, img_size=28, **init),
         "teacher vit_mini (trainer, EMA)": work / "teacher" / "export" / "teacher.pth",
         "student vit_test distilled (EMA)": work / "distill" / "export" / "vit_test.pth",
         "student vit_test distilled (raw)": work / "distill" / "export" / "vit_test_raw.pth",
