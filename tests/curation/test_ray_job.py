@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def ray_head():
     finally:
         stop_processes(markers)
         assert not process_tree(markers), "head processes survived"
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_driver_sigkill_mid_embed_resumes_without_recomputing(tmp_path):
         subprocess.run([*cmd, "--address", "none"], cwd=REPO, env=env, check=True, timeout=300, capture_output=True)
     finally:
         stop_processes([ray_tmp])
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     embed = json.loads((run / "embeddings" / "_SUCCESS.json").read_text())
     assert embed["parts"] == 5 and embed["parts_computed"] == 5 - len(done_before)
     assert all((run / "embeddings" / n.replace(".json", ".parquet")).stat().st_mtime_ns == t
