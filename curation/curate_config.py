@@ -152,6 +152,9 @@ class ShardConfig:
     classes: list[str] = field(default_factory=list)
     """With ``label_from = "parent_dir"``: class names; the label is the index of the directory name here
     (names not listed carry no label). Empty: the directory name itself must be an integer."""
+    unlabelled: Literal["keep", "drop"] = "keep"
+    """Samples without a label: ``keep`` (no ``.cls`` member) or ``drop`` (left out of the shards, counted as
+    rejected ``unlabelled``), for shards that must be fully labelled."""
     selection: Literal["auto", "selection", "balanced", "dedup"] = "auto"
     """Which images: ``selection/`` of the retrieve stage, the cluster stage's balanced sample, or every image
     dedupe kept; ``auto`` takes the first of these that exists in the run."""
@@ -167,6 +170,10 @@ class ShardConfig:
             raise ValueError(f"shard.reencode must be never, non_jpeg or always, got {self.reencode!r}")
         if self.label_from not in ("none", "parent_dir"):
             raise ValueError(f"shard.label_from must be 'none' or 'parent_dir', got {self.label_from!r}")
+        if self.unlabelled not in ("keep", "drop"):
+            raise ValueError(f"shard.unlabelled must be 'keep' or 'drop', got {self.unlabelled!r}")
+        if self.unlabelled == "drop" and self.label_from == "none":
+            raise ValueError('shard.unlabelled = "drop" needs a label source: set shard.label_from')
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("shard.classes must not repeat a name")
 

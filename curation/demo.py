@@ -14,10 +14,11 @@
   ``seed_classes``.
 
 ``run_curation_demo(out_dir)`` runs ``recipes/demo.toml`` (ingest -> embed with the built-in descriptor ->
-dedupe -> hierarchical k-means + balanced sampling -> kNN retrieval, N=4 -> WebDataset shards with ``cls``
-labels -> report) on an in-process Ray and returns the funnel, the dedup precision/recall against the injected
-copies, the retrieval precision (fraction of retrieved pool images whose label is a seed class), the NMI of the
-level-1 and top-level clusters against the labels, and where the shards and the report are.
+dedupe -> hierarchical k-means + balanced sampling -> kNN retrieval, N=4 -> WebDataset shards of labelled
+samples (JPEG + ``cls``; the unlabelled photos are left out) -> report) on an in-process Ray and returns the
+funnel, the dedup precision/recall against the injected copies, the retrieval precision (fraction of retrieved
+pool images whose label is a seed class), the NMI of the level-1 and top-level clusters against the labels,
+and where the shards and the report are.
 ``python -m curation.demo OUT_DIR`` does the same from the command line.
 """
 
@@ -272,6 +273,7 @@ def _evaluate(run_dir: str, data: DemoData, records: dict[str, Any]) -> dict[str
         "selected": ret["out"],
         "selected_by_reason": ret["reasons"],
         "sharded": shard["out"],
+        "unlabelled_left_out": shard["rejected"].get("unlabelled", 0),
         "shards": shard["shards"],
     }
     pairs = read_parquet(join(run_dir, "retrieval", "part-00000.parquet"), columns=["uid"])
@@ -350,7 +352,8 @@ def format_summary(result: dict[str, Any]) -> str:
         f"(rejected {sum(f['rejected'].values())}: {f['rejected']}; {f['exact_duplicates_collapsed']} exact "
         f"duplicates collapsed) -> {f['embedded']} embedded -> {f['kept_after_dedupe']} kept after dedupe "
         f"({f['near_duplicates_removed']} near-duplicates removed) -> {f['selected']} selected "
-        f"{f['selected_by_reason']} -> {f['sharded']} samples in {f['shards']} shards",
+        f"{f['selected_by_reason']} -> {f['sharded']} samples in {f['shards']} shards "
+        f"({f['unlabelled_left_out']} unlabelled left out)",
         f"dedup vs injected copies: precision {d['precision']:.3f}, recall {d['recall']:.3f} "
         f"({d['true_positive_pairs']}/{d['injected_pairs']} injected pairs found, {d['predicted_pairs']} pairs "
         "predicted)",

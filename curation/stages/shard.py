@@ -273,15 +273,15 @@ class ShardStage(Stage):
                          "score": pa.nulls(n, pa.float32()), "n_seeds": pa.nulls(n, pa.int32())},
                         schema=SELECTION)  # fmt: skip
 
-    def _plan(self) -> tuple[str, int, str]:
-        """Build (or reuse) the frozen plan; ``(plan url, number of shards, selection source)``."""
+    def _plan(self) -> tuple[str, int, str, int]:
+        """Build (or reuse) the frozen plan; ``(plan url, number of shards, selection source, selected images)``."""
         url = join(self.store.work, f"plan-{self.config_hash}.parquet")
         source = self._source()
+        sel = self._selected(source).sort_by("uid")
         if exists(url):
             t = read_parquet(url, columns=["shard"])
-            return url, int(pc.max(t["shard"]).as_py()) + 1 if t.num_rows else 0, source
+            return url, int(pc.max(t["shard"]).as_py()) + 1 if t.num_rows else 0, source, sel.num_rows
         cfg = self.config.shard
-        sel = self._selected(source).sort_by("uid")
         rows = {r["uid"]: r for r in sel.to_pylist()}
         info: dict[str, dict[str, Any]] = {}
         for part in manifest_parts(PartStore(self.run_dir, "ingest", IngestStage.output)):
@@ -306,11 +306,14 @@ class ShardStage(Stage):
                     clusters[r["uid"]] = {lv: r[lv] for lv in levels}
         uids = sel["uid"].to_pylist()
         order = np.random.default_rng(self.config.seed).permutation(len(uids)) if cfg.shuffle else np.arange(len(uids))
-        plan = []
-        for pos, j in enumerate(order.tolist()):
+        plan: list[dict[str, Any]] = []
+        for j in order.tolist():
             u = uids[j]
             m = info[u]
             label = label_of(m["uri"], cfg)
+            if label is None and cfg.unlabelled == "drop":
+                continue
+            pos = len(plan)
             plan.append({**rows[u], **{k: m[k] for k in ("uri", "uris", "container", "offset", "size", "width",
                                                             "height", "format")},
                          "position": pos, "component": component.get(u), "clusters": clusters.get(u),
@@ -321,11 +324,11 @@ class ShardStage(Stage):
             p["shard"] = s
         table = pa.Table.from_pylist(plan) if plan else pa.table({"shard": pa.array([], pa.int64())})
         write_parquet(url, table)
-        return url, int(shards.max()) + 1 if len(shards) else 0, source
+        return url, int(shards.max()) + 1 if len(shards) else 0, source, sel.num_rows
 
     def run(self, executor: Executor) -> dict[str, Any]:
         cfg = self.config.shard
-        plan_url, n_shards, source = self._plan()
+        plan_url, n_shards, source, selected = self._plan()
         log.info("shard: %d shards of <= %d samples from %s", n_shards, cfg.samples_per_shard, source)
         parts = self.run_parts(executor, "shard", n_shards,
                                partial(shard_part, self.config, plan_url, self.store, self.config_hash))  # fmt: skip
@@ -334,12 +337,15 @@ class ShardStage(Stage):
         rejected: Counter[str] = Counter()
         for p in parts:
             rejected.update(p.get("rejected", {}))
+        planned = sum(p["in"] for p in parts)
+        if selected > planned:
+            rejected["unlabelled"] = selected - planned
         pattern = f"{cfg.prefix}-{{{0:06d}..{max(0, n_shards - 1):06d}}}.tar"
         index = {"prefix": cfg.prefix, "pattern": pattern, "shards": shards, "count": total,
                  "bytes": sum(s["bytes"] for s in shards), "selection": source, "seed": self.config.seed,
                  "shuffle": cfg.shuffle, "labelled": sum(p["labelled"] for p in parts),
                  "config_hash": self.config_hash}  # fmt: skip
         write_json(join(self.store.output, "index.json"), index)
-        return {"in": sum(p["in"] for p in parts), "out": total, "rejected": dict(sorted(rejected.items())),
+        return {"in": selected, "out": total, "rejected": dict(sorted(rejected.items())),
                 "shards": n_shards, "pattern": pattern, "selection": source, "bytes": index["bytes"],
                 "labelled": index["labelled"], "rows": {"samples": total}}  # fmt: skip

@@ -55,10 +55,10 @@ def test_demo_smoke(tmp_path, ray_session):
     assert "retrieval:" in format_summary(res)
     # shards: JPEG images with integer labels, as many as the selection
     samples = list(wds.WebDataset(res["shards"], shardshuffle=False))
-    assert len(samples) == res["shard_samples"] == f["selected"]
-    labelled = [s for s in samples if "cls" in s]
-    assert len(labelled) == res["labelled_samples"] >= len(samples) - 12  # only the photos carry no label
-    for s in labelled[:50]:
+    assert len(samples) == res["shard_samples"] == f["selected"] - f["unlabelled_left_out"]
+    assert f["unlabelled_left_out"] <= 12  # only the photos carry no label, and they are left out
+    assert res["labelled_samples"] == len(samples) and all("cls" in s for s in samples)
+    for s in samples[:50]:
         im = Image.open(io.BytesIO(s["jpg"]))
         meta = json.loads(s["json"])
         assert im.format == "JPEG" and im.mode == "RGB" and 0 <= int(s["cls"]) < 10

@@ -242,6 +242,16 @@ def test_reencode_max_side_never_and_byte_limit(base_run, tmp_path):
     assert all(s["bytes"] <= limit or s["count"] == 1 for s in index["shards"])
 
 
+def test_unlabelled_samples_can_be_dropped(base_run, tmp_path):
+    src, run, expected, kept = _fresh(base_run, tmp_path, "drop")
+    rec = run_stages(_config(src, 'shard.unlabelled="drop"'), run, LocalExecutor(), ["shard"])["shard"]
+    assert rec["in"] == kept and rec["out"] == kept - 1 and rec["rejected"] == {"unlabelled": 1}
+    samples = list(wds.WebDataset(f"{run}/shards/{rec['pattern']}", shardshuffle=False))
+    assert len(samples) == kept - 1 and all(int(x["cls"]) == expected[x["__key__"]] for x in samples)
+    with pytest.raises(ValueError, match="shard.label_from"):
+        _config(src, 'shard.unlabelled="drop"', 'shard.label_from="none"')
+
+
 def test_bad_selection_setting_names_the_field(base_run, tmp_path):
     src, run, _, _ = _fresh(base_run, tmp_path, "bad")
     with pytest.raises(ValueError, match="shard.selection='selection'"):
