@@ -15,6 +15,9 @@ process group), so its peak memory is its own: peak RSS on CPU, ``torch.cuda.max
 Throughput is ``batch / step time`` (source images per step, each with 2 global + N local crops), the median
 over ``--steps`` timed steps after ``--warmup`` steps, with the min-max range; MFU is the trainer's figure
 (matmul FLOPs of student forward + backward and teacher forward over the vendor bf16 peak), GPU only.
+
+On CPUs without native bf16 (no AVX512-BF16 / AMX, e.g. AVX2-only), bf16 autocast is emulated and several times
+slower than fp32; on a shared machine ``--threads 1`` avoids OpenMP threads spinning on descheduled peers.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def test_ssl_sanity_runs_end_to_end(capsys, tmp_path):
     assert summary["log_k"] == pytest.approx(math.log(64))
     for m in summary["monitors"]:
         assert 0.0 <= m["teacher_entropy"] <= math.log(64) + 1e-4
-    for which in ("knn_random_init", "knn_teacher"):
+    for which in ("knn_random_init", "knn_teacher", "knn_pixels"):
         assert set(summary[which]) == {"10", "20"} and all(0 <= v <= 100 for v in summary[which].values())
     assert summary["gain"] == pytest.approx(summary["knn_teacher"]["20"] - summary["knn_random_init"]["20"])
     assert (tmp_path / "run" / "export" / "teacher.pth").is_file()
