@@ -64,6 +64,9 @@ def _common(urls: str, steps: int, batch: int) -> list[str]:
 
 
 def _run(cmd: str, recipe: str, out: Path, sets: list[str]) -> float:
+    if (out / "export").is_dir():  # finished earlier (the export is written last)
+        print(f"# {out}: finished run, skipped", flush=True)
+        return 0.0
     argv = [sys.executable, "-m", "pretrain", cmd, recipe, "--out", str(out)]
     for s in sets:
         argv += ["--set", s]
@@ -94,6 +97,10 @@ def main() -> int:
     p.add_argument("--init-values", type=float, default=None,
                    help="LayerScale init of every model (default: DINOv2's 1e-5, with which an untrained ViT's CLS "
                         "k-NN is at chance; 0.1 makes even random features reach ~55%% on Fashion-MNIST)")
+    p.add_argument("--student-base-lr", type=float, default=None,
+                   help="schedule.base_lr of both student runs (distilled and scratch); default: each recipe's")
+    p.add_argument("--student-momentum", type=float, default=None,
+                   help="starting EMA momentum of both student runs; default: each recipe's (0.99)")
     args = p.parse_args()
     if args.steps % 6:
         p.error("--steps must be a multiple of 6 (the tiny recipes have 6 epochs)")
@@ -106,10 +113,12 @@ def main() -> int:
     times = {}
     times["teacher"] = _run("train", TINY, work / "teacher", common + [
         "backbone.overrides=" + vit, "phases=[]"])
-    times["distill"] = _run("distill", DISTILL, work / "distill", common + [
+    students = common + [f"schedule.base_lr={args.student_base_lr}"] * (args.student_base_lr is not None) + [
+        f"schedule.momentum_teacher={args.student_momentum}"] * (args.student_momentum is not None)
+    times["distill"] = _run("distill", DISTILL, work / "distill", students + [
         f'teacher.weights="{work / "teacher" / "export" / "teacher.pth"}"',
         f'students=[{{name = "vit_test", arch = "vit_test", overrides = {vit}}}]'])
-    times["scratch"] = _run("train", TINY, work / "scratch", common + [
+    times["scratch"] = _run("train", TINY, work / "scratch", students + [
         'backbone.name="vit_test"', "backbone.overrides=" + vit, "phases=[]"])
     torch.manual_seed(0)
     rows: dict[str, Path | torch.nn.Module] = {
