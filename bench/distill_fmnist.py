@@ -111,15 +111,14 @@ def main() -> int:
     init = {} if args.init_values is None else {"init_values": args.init_values}
     vit = "{patch_size = 7, img_size = 28" + "".join(f", {k} = {v}" for k, v in init.items()) + "}"
     times = {}
-    times["teacher"] = _run("train", TINY, work / "teacher", common + [
-        "backbone.overrides=" + vit, "phases=[]"])
     common += [f"schedule.base_lr={args.base_lr}"] * (args.base_lr is not None) + [
         f"schedule.momentum_teacher={args.momentum}"] * (args.momentum is not None)
-    students = common
-    times["distill"] = _run("distill", DISTILL, work / "distill", students + [
+    times["teacher"] = _run("train", TINY, work / "teacher", common + [
+        "backbone.overrides=" + vit, "phases=[]"])
+    times["distill"] = _run("distill", DISTILL, work / "distill", common + [
         f'teacher.weights="{work / "teacher" / "export" / "teacher.pth"}"',
         f'students=[{{name = "vit_test", arch = "vit_test", overrides = {vit}}}]'])
-    times["scratch"] = _run("train", TINY, work / "scratch", students + [
+    times["scratch"] = _run("train", TINY, work / "scratch", common + [
         'backbone.name="vit_test"', "backbone.overrides=" + vit, "phases=[]"])
     torch.manual_seed(0)
     rows: dict[str, Path | torch.nn.Module] = {
