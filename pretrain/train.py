@@ -326,7 +326,7 @@ class Trainer:
                        peak_mem_mb=peak_memory_mb(self.device),
                        **{f"grad_norm/{k}": v for k, v in norms.items()})
         metrics["mfu"] = self._mfu(batch, dt)
-        if step % self.cfg.train.monitor_every == 0:
+        if (step + 1) % self.cfg.train.monitor_every == 0:  # aligned with logging, which counts finished steps
             metrics.update(self.monitor(out))
         return metrics
 

@@ -7,15 +7,11 @@ import glob
 import io
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,32 +19,6 @@ MATE = sorted(glob.glob("/usr/share/backgrounds/mate/nature/*.jpg"))
 # skimage sample photos (``cat`` is ``chelsea`` again, so it is left out).
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "brick", "grass", "gravel",
                   "clock", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle")  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """A session-wide in-process Ray: 2 CPUs, no dashboard, ~300 MB object store, private temp dir."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short path: Ray's unix sockets live under it
-    pythonpath = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=300 * 1024 * 1024,
-        _temp_dir=tmp,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-        log_to_driver=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @lru_cache(maxsize=4)

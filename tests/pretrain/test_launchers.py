@@ -147,18 +147,12 @@ def _probe_entry(argv: list[str]) -> None:
     (out / f"rank{info.rank}.json").write_text(json.dumps(record))
 
 
-def test_ray_train_entrypoint_runs_two_gloo_workers(tmp_path):
-    import ray
-
+def test_ray_train_entrypoint_runs_two_gloo_workers(tmp_path, ray_session):
     from infra.launch import ray_train
 
     out = tmp_path / "run"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        result = ray_train.main(["--recipe", "pretrain/recipes/tiny.toml", "--out", str(out), "--set", "train.steps=2",
-                                 "--num-workers", "2", "--entry", f"{__name__}:_probe_entry"])
-    finally:
-        ray.shutdown()
+    result = ray_train.main(["--recipe", "pretrain/recipes/tiny.toml", "--out", str(out), "--set", "train.steps=2",
+                             "--num-workers", "2", "--entry", f"{__name__}:_probe_entry"])
     assert result.error is None
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, rec in enumerate(records):
