@@ -57,13 +57,13 @@ def write_data(out: Path, n_train: int, n_knn_train: int, n_knn_test: int) -> di
 
 
 def run_overrides(urls: str, args: argparse.Namespace) -> list[str]:
-    """Recipe overrides: our shards, ``--steps`` as 6 epochs, per-step metrics, monitors every ``--window``."""
+    """Recipe overrides: our shards, ``--steps`` as 6 epochs, metrics and collapse monitors at every step."""
     epoch = max(1, args.steps // 6)
     sets = {
         "data.shards.urls": f'["{urls}"]', "data.shards.batch_size": str(args.batch),
         "data.shards.num_workers": str(args.workers), "data.shards.label_key": '"cls"',
         "schedule.epoch_length": str(epoch), "schedule.epochs": "6",
-        "train.log_every": "1", "train.monitor_every": str(args.window), "train.tensorboard": "false",
+        "train.log_every": "1", "train.monitor_every": "1", "train.tensorboard": "false",
         "train.checkpoint_every": str(10 * args.steps), "phases": "[]", "train.precision": f'"{args.precision}"',
     }
     return [f"{k}={v}" for k, v in sets.items()] + list(args.overrides)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn-train", type=int, default=5000, help="labelled train images forming the k-NN memory")
     p.add_argument("--knn-test", type=int, default=2000, help="test images evaluated")
     p.add_argument("--ks", type=int, nargs="+", default=[10, 20])
-    p.add_argument("--window", type=int, default=25, help="steps per loss-curve row and between monitors")
+    p.add_argument("--window", type=int, default=25, help="steps per loss-curve row and between monitor rows")
     p.add_argument("--min-gain", type=float, default=5.0, help="required k-NN top-1 gain (points) over random init")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override passed to the trainer (repeatable)")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['steps']:>9} {r['loss']:7.3f} {r.get('dino', math.nan):7.3f} {r.get('ibot', math.nan):7.3f} "
                   f"{r.get('koleo', math.nan):7.3f} {r['lr']:9.2e} {r['teacher_temp']:7.4f} {r['img_per_s']:7.1f}")
 
-        mon = [r for r in records if "teacher_entropy" in r]
+        mon = [r for r in records if "teacher_entropy" in r and (r["step"] == 1 or r["step"] % args.window == 0)]
         start, end = mon[0], mon[-1]
         log_k = math.log(cfg.heads.out_dim)
         print(f"\ncollapse monitors (log K = {log_k:.3f}):")

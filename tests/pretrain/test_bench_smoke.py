@@ -92,7 +92,7 @@ def test_ssl_sanity_runs_end_to_end(capsys, tmp_path):
     summary = json.loads((tmp_path / "ssl_sanity.json").read_text())
     assert code == (0 if summary["ok"] else 1)
     assert summary["steps"] == 12 and [r["steps"] for r in summary["curve"]] == ["1-4", "5-8", "9-12"]
-    assert [m["step"] for m in summary["monitors"]] == [1, 5, 9]  # monitors every --window steps from step 0
+    assert [m["step"] for m in summary["monitors"]] == [1, 4, 8, 12]  # after the first step, then every --window
     assert summary["log_k"] == pytest.approx(math.log(64))
     for m in summary["monitors"]:
         assert 0.0 <= m["teacher_entropy"] <= math.log(64) + 1e-4
