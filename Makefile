@@ -10,7 +10,7 @@ setup:
 	@bash infra/setup.sh
 
 demo: setup
-	$(RAY_ENV) $(PY) -m pretrain demo --out $(OUT)
+	OMP_NUM_THREADS=1 $(RAY_ENV) $(PY) -m pretrain demo --out $(OUT) $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
