@@ -30,7 +30,7 @@ from pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sin
 from pretrain.models import backbone_names, build_backbone
 from pretrain.models.heads import HeadsConfig, build_heads
 from pretrain.parallel.ema import ema_update_
-from pretrain.ssl.meta_arch import LossConfig
+from pretrain.ssl.meta_arch import LossConfig, head_logits
 
 logger = logging.getLogger(__name__)
 
@@ -155,17 +155,6 @@ def load_teacher_heads(path: str) -> tuple[dict[str, torch.Tensor], HeadsConfig,
 
 
 # ----------------------------------------------------------------------------------------------------- arch
-def _head_logits(net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLS logits and patch logits; a shared head runs once on both (as DINOv2 does)."""
-    if patches is None:
-        return net["dino_head"](cls), None
-    if "ibot_head" in net:
-        return net["dino_head"](cls), net["ibot_head"](patches)
-    out = net["dino_head"](torch.cat([cls, patches]))
-    return out[: cls.shape[0]], out[cls.shape[0]:]
-
-
 class DistillMetaArch(nn.Module):
     """``teacher`` (frozen ModuleDict: backbone + heads), ``students`` and ``emas`` (ModuleDicts keyed by name)."""
 
@@ -242,7 +231,7 @@ class DistillMetaArch(nn.Module):
         """Frozen-teacher CLS targets (2B, K) and, with iBOT, targets for all (2B * N, K) global-crop patches."""
         out = self.teacher["backbone"].forward_features(global_crops)
         patches = out["x_norm_patchtokens"].flatten(0, 1) if self.use_ibot else None
-        cls_logits, patch_logits = _head_logits(self.teacher, out["x_norm_clstoken"], patches)
+        cls_logits, patch_logits = head_logits(self.teacher, out["x_norm_clstoken"], patches)
         dino_probs = self._targets(cls_logits, self.dino_center, temp)
         ibot_probs = None if patch_logits is None else self._targets(patch_logits, self.ibot_center, temp)
         return {"cls_logits": cls_logits, "dino_probs": dino_probs, "ibot_probs": ibot_probs,
@@ -269,7 +258,7 @@ class DistillMetaArch(nn.Module):
             outs = net["backbone"].forward_features_list(crops)
             s_cls = torch.cat([o["x_norm_clstoken"] for o in outs])  # view-major: globals then locals
             s_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1) if self.use_ibot else None
-            s_cls_logits, s_patch_logits = _head_logits(net, s_cls, s_patches)
+            s_cls_logits, s_patch_logits = head_logits(net, s_cls, s_patches)
             loss = s_cls.new_zeros((), dtype=torch.float32)
             if cfg.dino_weight > 0:
                 n_views = s_cls.shape[0] // (n_global // 2)

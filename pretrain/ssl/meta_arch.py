@@ -81,6 +81,17 @@ class LossConfig:
             raise ValueError(f"loss.sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
 
 
+def head_logits(net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLS logits and patch logits of ``net``'s heads; a shared head runs once on both (as DINOv2 does)."""
+    if patches is None:
+        return net["dino_head"](cls), None
+    if "ibot_head" in net:
+        return net["dino_head"](cls), net["ibot_head"](patches)
+    out = net["dino_head"](torch.cat([cls, patches]))
+    return out[: cls.shape[0]], out[cls.shape[0]:]
+
+
 class SSLMetaArch(nn.Module):
     """``student`` and ``teacher`` ModuleDicts with ``backbone``, ``dino_head`` and optionally ``ibot_head``."""
 
@@ -115,16 +126,6 @@ class SSLMetaArch(nn.Module):
         center.update(logits)
         return probs
 
-    def _heads(self, net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CLS logits and masked-patch logits; a shared head runs once on both (as DINOv2 does)."""
-        if patches is None:
-            return net["dino_head"](cls), None
-        if "ibot_head" in net:
-            return net["dino_head"](cls), net["ibot_head"](patches)
-        out = net["dino_head"](torch.cat([cls, patches]))
-        return out[: cls.shape[0]], out[cls.shape[0]:]
-
     @torch.no_grad()
     def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor | None, temp: float
                         ) -> dict[str, torch.Tensor | None]:
@@ -133,7 +134,7 @@ class SSLMetaArch(nn.Module):
         patches = None
         if self.use_ibot and mask_indices is not None:
             patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
-        cls_logits, patch_logits = self._heads(self.teacher, out["x_norm_clstoken"], patches)
+        cls_logits, patch_logits = head_logits(self.teacher, out["x_norm_clstoken"], patches)
         dino_probs = self._targets(cls_logits, self.dino_center, temp)
         ibot_probs = None if patch_logits is None else self._targets(patch_logits, self.ibot_center, temp)
         return {"cls_logits": cls_logits, "dino_probs": dino_probs, "ibot_probs": ibot_probs,
@@ -157,7 +158,7 @@ class SSLMetaArch(nn.Module):
         outs = self.student["backbone"].forward_features_list(crops, [masks] + [None] * (len(crops) - 1))
         s_cls = torch.cat([o["x_norm_clstoken"] for o in outs])  # view-major: globals then locals
         s_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if self.use_ibot else None
-        s_cls_logits, s_patch_logits = self._heads(self.student, s_cls, s_patches)
+        s_cls_logits, s_patch_logits = head_logits(self.student, s_cls, s_patches)
 
         parts: dict[str, Any] = {}
         total = s_cls.new_zeros((), dtype=torch.float32)
