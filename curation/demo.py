@@ -25,7 +25,6 @@ and where the shards and the report are.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import json
@@ -40,6 +39,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from pretrain.eval.fashion_mnist import read_idx
 
 __all__ = ["CLASSES", "DemoData", "format_summary", "main", "nmi", "prepare_demo_data", "run_curation_demo"]
 
@@ -78,18 +79,6 @@ class DemoData:
     """Broken files added to the pool."""
     seeds: int = 0
     """Seed images."""
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An IDX array (the MNIST file format: magic, dims as big-endian int32, uint8 data), gzip or plain."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    nd = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * nd).reshape(dims)
 
 
 def _png(im: Image.Image) -> bytes:
