@@ -34,6 +34,7 @@ def tiny_overrides(urls: str, **extra: object) -> list[str]:
         "heads.out_dim": "64", "heads.hidden_dim": "32", "heads.bottleneck_dim": "16",
         "schedule.epoch_length": "2", "schedule.epochs": "3", "schedule.warmup_epochs": "1",
         "schedule.freeze_last_layer_epochs": "0.5", "schedule.warmup_teacher_temp_epochs": "1",
+        "schedule.lr_reference_batch": "1024", "schedule.teacher_temp": "0.07", "schedule.warmup_teacher_temp": "0.04",
         "train.precision": '"fp32"', "train.log_every": "1", "train.monitor_every": "2",
         "train.checkpoint_every": "2", "train.tensorboard": "false", "phases": "[]",
     }
