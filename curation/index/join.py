@@ -181,12 +181,11 @@ def similarity_join(x: np.ndarray, *, k: int, threshold: float, index: IndexConf
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     plan = plan_index(n, x.shape[1], cfg) if n else None
-    if plan is None:
-        pass
-    elif plan.kind == "flat":
+    if plan is not None and plan.kind == "flat":
         _join_flat(x, col, block, progress)
-    else:  # IVF-PQ plans are about index memory; the join streams lists, so it always scores exactly
+    elif plan is not None:  # IVF-PQ plans are about index memory; the join streams lists, so it scores exactly
         _join_ivf(x, cfg, plan.nlist, plan.nprobe, plan.n_train, col, timings, progress)
+    # no plan: an empty input has no pairs
     t1 = time.perf_counter()
     src, dst, score = col.finish(k)
     timings.update(join=t1 - t0, topk=time.perf_counter() - t1)
