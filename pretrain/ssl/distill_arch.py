@@ -26,11 +26,11 @@ import fsspec
 import torch
 from torch import nn
 
-from pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss
 from pretrain.models import backbone_names, build_backbone
 from pretrain.models.heads import HeadsConfig, build_heads
 from pretrain.parallel.ema import ema_update_
-from pretrain.ssl.meta_arch import LossConfig, head_logits
+from pretrain.ssl.meta_arch import LossConfig, head_logits, teacher_targets_from_logits
 
 logger = logging.getLogger(__name__)
 
@@ -219,21 +219,16 @@ class DistillMetaArch(nn.Module):
         return nn.ModuleDict({"students": self.students, "emas": self.emas, "dino_center": self.dino_center,
                               "ibot_center": self.ibot_center})
 
-    def _targets(self, logits: torch.Tensor, center: SoftmaxCenter, temp: float) -> torch.Tensor:
-        if self.loss_cfg.centering == "sinkhorn":
-            return sinkhorn_knopp(logits, temp, self.loss_cfg.sinkhorn_iters)
-        probs = center.teacher_probs(logits, temp)
-        center.update(logits)
-        return probs
-
     @torch.no_grad()
     def teacher_targets(self, global_crops: torch.Tensor, temp: float) -> dict[str, torch.Tensor | None]:
         """Frozen-teacher CLS targets (2B, K) and, with iBOT, targets for all (2B * N, K) global-crop patches."""
         out = self.teacher["backbone"].forward_features(global_crops)
         patches = out["x_norm_patchtokens"].flatten(0, 1) if self.use_ibot else None
         cls_logits, patch_logits = head_logits(self.teacher, out["x_norm_clstoken"], patches)
-        dino_probs = self._targets(cls_logits, self.dino_center, temp)
-        ibot_probs = None if patch_logits is None else self._targets(patch_logits, self.ibot_center, temp)
+        dino_probs = teacher_targets_from_logits(cls_logits, self.loss_cfg, self.dino_center, temp)
+        ibot_probs = None
+        if patch_logits is not None:
+            ibot_probs = teacher_targets_from_logits(patch_logits, self.loss_cfg, self.ibot_center, temp)
         return {"cls_logits": cls_logits, "dino_probs": dino_probs, "ibot_probs": ibot_probs,
                 "n_patches": out["x_norm_patchtokens"].shape[1]}
 

@@ -81,6 +81,16 @@ class LossConfig:
             raise ValueError(f"loss.sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
 
 
+def teacher_targets_from_logits(logits: torch.Tensor, cfg: LossConfig, center: SoftmaxCenter, temp: float
+                                ) -> torch.Tensor:
+    """Teacher probabilities: Sinkhorn-Knopp, or softmax with the EMA ``center`` (used, then updated)."""
+    if cfg.centering == "sinkhorn":
+        return sinkhorn_knopp(logits, temp, cfg.sinkhorn_iters)
+    probs = center.teacher_probs(logits, temp)
+    center.update(logits)
+    return probs
+
+
 def head_logits(net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CLS logits and patch logits of ``net``'s heads; a shared head runs once on both (as DINOv2 does)."""
@@ -119,13 +129,6 @@ class SSLMetaArch(nn.Module):
     def use_ibot(self) -> bool:
         return self.loss_cfg.ibot_weight > 0
 
-    def _targets(self, logits: torch.Tensor, center: SoftmaxCenter, temp: float) -> torch.Tensor:
-        if self.loss_cfg.centering == "sinkhorn":
-            return sinkhorn_knopp(logits, temp, self.loss_cfg.sinkhorn_iters)
-        probs = center.teacher_probs(logits, temp)
-        center.update(logits)
-        return probs
-
     @torch.no_grad()
     def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor | None, temp: float
                         ) -> dict[str, torch.Tensor | None]:
@@ -135,8 +138,10 @@ class SSLMetaArch(nn.Module):
         if self.use_ibot and mask_indices is not None:
             patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
         cls_logits, patch_logits = head_logits(self.teacher, out["x_norm_clstoken"], patches)
-        dino_probs = self._targets(cls_logits, self.dino_center, temp)
-        ibot_probs = None if patch_logits is None else self._targets(patch_logits, self.ibot_center, temp)
+        dino_probs = teacher_targets_from_logits(cls_logits, self.loss_cfg, self.dino_center, temp)
+        ibot_probs = None
+        if patch_logits is not None:
+            ibot_probs = teacher_targets_from_logits(patch_logits, self.loss_cfg, self.ibot_center, temp)
         return {"cls_logits": cls_logits, "dino_probs": dino_probs, "ibot_probs": ibot_probs,
                 "cls": out["x_norm_clstoken"]}
 
