@@ -3,10 +3,10 @@ scratch?
 
 1. Writes Fashion-MNIST shards (28 px PNG + ``cls``): a training set, a k-NN bank (train split) and a test set.
 2. Pretrains a tiny teacher with the trainer: ``python -m pretrain train pretrain/recipes/tiny_cpu.toml``
-   (vit_mini, patch 7, 28 px global / 14 px local crops, ``--steps`` iterations; LayerScale init 1e-5 as in
-   DINOv2 unless ``--init-values`` is given, for every model).
+   (vit_mini, patch 7, ``--size`` px global / half that local crops, ``--teacher-steps`` iterations; LayerScale
+   off as in the tiny recipes unless ``--init-values`` is given, for every model).
 3. Distils it into a smaller student: ``python -m pretrain distill pretrain/recipes/distill_tiny_cpu.toml``
-   (one vit_test student, the same data, batch and number of steps).
+   (one vit_test student, the same data and batch, ``--steps`` iterations).
 4. Trains the same vit_test from scratch with the trainer for the same number of steps.
 5. k-NN (``pretrain.eval.knn_eval_model``: cosine, T=0.07, weighted votes) of the teacher export, the distilled
    student (its EMA, the deliverable) and the scratch run's EMA teacher and student, on the Fashion-MNIST test
@@ -56,9 +56,10 @@ def _data(work: Path, n_train: int, n_bank: int, n_test: int) -> tuple[str, str,
             str(data / "test-000000.tar"))
 
 
-def _common(urls: str, steps: int, batch: int) -> list[str]:
+def _common(urls: str, steps: int, batch: int, size: int) -> list[str]:
     return [f'data.shards.urls=["{urls}"]', f"data.shards.batch_size={batch}", "data.shards.num_workers=1",
-            "data.shards.shuffle_buffer=1000", "data.crops.global_size=28", "data.crops.local_size=14",
+            "data.shards.shuffle_buffer=1000", f"data.crops.global_size={size}",
+            f"data.crops.local_size={size // 2}",
             f"schedule.epoch_length={steps // 6}", "schedule.epochs=6", 'train.precision="fp32"',
             "train.tensorboard=false", f"train.checkpoint_every={steps}"]
 
@@ -77,10 +78,10 @@ def _run(cmd: str, recipe: str, out: Path, sets: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _knn(weights: Path | torch.nn.Module, bank: str, test: str) -> dict[int, float]:
+def _knn(weights: Path | torch.nn.Module, bank: str, test: str, size: int) -> dict[int, float]:
     model = weights if isinstance(weights, torch.nn.Module) else build_backbone(None, weights=str(weights))
     model.eval()
-    data = DataConfig(train=bank, test=test, image_size=28, resize_size=28)
+    data = DataConfig(train=bank, test=test, image_size=size, resize_size=size)
     result = knn_eval_model(model, data, ExtractConfig(batch_size=256, num_workers=0, device="cpu"),
                             KnnConfig(ks=[10, 20]))
     return {k: 100 * t for k, t in zip(result.ks, result.top1)}
@@ -89,32 +90,36 @@ def _knn(weights: Path | torch.nn.Module, bank: str, test: str) -> dict[int, flo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="/tmp/distill_fmnist", help="shards, runs and results.json go here")
-    p.add_argument("--steps", type=int, default=150, help="iterations of each run (teacher, distill, scratch)")
+    p.add_argument("--steps", type=int, default=300, help="iterations of the distillation and the scratch run")
+    p.add_argument("--teacher-steps", type=int, default=None, help="iterations of the teacher run (default --steps)")
+    p.add_argument("--size", type=int, default=56, help="global crop and k-NN image size (local crops: half)")
     p.add_argument("--batch", type=int, default=64, help="images per step")
     p.add_argument("--n-train", type=int, default=10000, help="training images (Fashion-MNIST train split)")
     p.add_argument("--n-bank", type=int, default=5000, help="k-NN bank images (train split, class-balanced)")
     p.add_argument("--n-test", type=int, default=2000, help="test images (test split, class-balanced)")
-    p.add_argument("--init-values", type=float, default=None,
-                   help="LayerScale init of every model (default: DINOv2's 1e-5, with which an untrained ViT's CLS "
-                        "k-NN is at chance; 0.1 makes even random features reach ~55%% on Fashion-MNIST)")
+    p.add_argument("--init-values", type=float, default=0.0,
+                   help="LayerScale init of every model (default 0 = off, as the tiny recipes; with DINOv2's 1e-5 an "
+                        "untrained 2-block ViT's CLS token is the same for every image)")
     p.add_argument("--base-lr", type=float, default=None,
                    help="schedule.base_lr of all three runs (at lr_reference_batch 1024); default: the recipes' 0.004")
     p.add_argument("--momentum", type=float, default=None,
                    help="starting EMA momentum of all three runs; default: the recipes' 0.99")
     args = p.parse_args()
-    if args.steps % 6:
-        p.error("--steps must be a multiple of 6 (the tiny recipes have 6 epochs)")
+    args.teacher_steps = args.teacher_steps or args.steps
+    if args.steps % 6 or args.teacher_steps % 6:
+        p.error("--steps and --teacher-steps must be multiples of 6 (the tiny recipes have 6 epochs)")
     torch.set_num_threads(1)
     work = Path(args.workdir)
     urls, bank, test = _data(work, args.n_train, args.n_bank, args.n_test)
-    common = _common(urls, args.steps, args.batch)
-    init = {} if args.init_values is None else {"init_values": args.init_values}
-    vit = "{patch_size = 7, img_size = 28" + "".join(f", {k} = {v}" for k, v in init.items()) + "}"
+    common = _common(urls, args.steps, args.batch, args.size)
+    init = {"init_values": args.init_values}
+    vit = f"{{patch_size = 7, img_size = {args.size}" + "".join(f", {k} = {v}" for k, v in init.items()) + "}"
     times = {}
     common += [f"schedule.base_lr={args.base_lr}"] * (args.base_lr is not None) + [
         f"schedule.momentum_teacher={args.momentum}"] * (args.momentum is not None)
     times["teacher"] = _run("train", TINY, work / "teacher", common + [
-        "backbone.overrides=" + vit, "phases=[]"])
+        "backbone.overrides=" + vit, "phases=[]", f"schedule.epoch_length={args.teacher_steps // 6}",
+        f"train.checkpoint_every={args.teacher_steps}"])
     times["distill"] = _run("distill", DISTILL, work / "distill", common + [
         f'teacher.weights="{work / "teacher" / "export" / "teacher.pth"}"',
         f'students=[{{name = "vit_test", arch = "vit_test", overrides = {vit}}}]'])
@@ -122,16 +127,17 @@ def main() -> int:
         'backbone.name="vit_test"', "backbone.overrides=" + vit, "phases=[]"])
     torch.manual_seed(0)
     rows: dict[str, Path | torch.nn.Module] = {
-        "vit_test untrained (reference)": build_backbone("vit_test", patch_size=7, img_size=28, **init),
+        "vit_test untrained (reference)": build_backbone("vit_test", patch_size=7, img_size=args.size, **init),
         "teacher vit_mini (trainer, EMA)": work / "teacher" / "export" / "teacher.pth",
         "student vit_test distilled (EMA)": work / "distill" / "export" / "vit_test.pth",
         "student vit_test distilled (raw)": work / "distill" / "export" / "vit_test_raw.pth",
         "student vit_test scratch (EMA teacher)": work / "scratch" / "export" / "teacher.pth",
         "student vit_test scratch (student)": work / "scratch" / "export" / "student.pth",
     }
-    results = {name: _knn(path, bank, test) for name, path in rows.items()}
+    results = {name: _knn(path, bank, test, args.size) for name, path in rows.items()}
     print(f"\nFashion-MNIST k-NN top-1 (%), bank {args.n_bank} train images, {args.n_test} test images, "
-          f"{args.steps} steps x batch {args.batch} per run")
+          f"{args.size} px, teacher {args.teacher_steps} steps, distillation and scratch {args.steps} steps, "
+          f"batch {args.batch}")
     print(f"{'model':42} {'k=10':>7} {'k=20':>7}")
     for name, acc in results.items():
         print(f"{name:42} {acc[10]:7.2f} {acc[20]:7.2f}")
