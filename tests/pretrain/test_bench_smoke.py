@@ -102,3 +102,25 @@ def test_ssl_sanity_runs_end_to_end(capsys, tmp_path):
     assert (tmp_path / "run" / "export" / "teacher.pth").is_file()
     for section in ("loss", "collapse monitors", "verdict:", "k-NN top-1 on 30", "k-NN gain at k=20"):
         assert section in text
+
+
+def test_distill_fmnist_runs_end_to_end_and_reuses_finished_runs(tmp_path):
+    bench = _load("distill_fmnist")
+    argv = ["--workdir", str(tmp_path), "--steps", "12", "--teacher-steps", "12", "--batch", "8", "--size", "28",
+            "--n-train", "64", "--n-bank", "50", "--n-test", "30", "--student", "embed_dim = 32",
+            "--scratch-grid", "0.004:0.99"]
+    code = bench.main(argv)
+    res = json.loads((tmp_path / "results.json").read_text())
+    top1 = {name: acc["20"] for name, acc in res["knn_top1"].items()}
+    assert set(top1) == {"student untrained (reference)", "teacher vit_mini (trainer, EMA)",
+                         "student distilled (EMA, the deliverable)", "student distilled (raw)",
+                         "student scratch lr 0.004 m 0.99 (EMA teacher)", "student scratch lr 0.004 m 0.99 (student)"}
+    assert all(0 <= v <= 100 for v in top1.values())
+    teacher, distilled = top1["teacher vit_mini (trainer, EMA)"], top1["student distilled (EMA, the deliverable)"]
+    scratch = max(v for k, v in top1.items() if "scratch" in k)
+    assert res["checks"] == {"within_3_points_of_teacher": teacher - distilled <= 3.0,
+                             "above_scratch": distilled > scratch}
+    assert code == (0 if all(res["checks"].values()) else 1)
+    assert all(s > 0 for s in res["wall_s"].values())
+    assert bench.main(argv) == code  # a second call reuses every finished run
+    assert all(s == 0 for s in json.loads((tmp_path / "results.json").read_text())["wall_s"].values())
