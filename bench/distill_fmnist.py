@@ -6,7 +6,7 @@ scratch?
    (vit_mini, patch 7, ``--size`` px global / half that local crops, ``--teacher-steps`` iterations; LayerScale
    off as in the tiny recipes unless ``--init-values`` is given, for every model).
 3. Distils it into a smaller student: ``python -m pretrain distill pretrain/recipes/distill_tiny_cpu.toml`` (one
-   vit_test student with the ``--student`` overrides, dim 64 x 4 blocks by default; same data and batch,
+   vit_test student (dim 32, 2 blocks; ``--student`` overrides its fields); same data and batch,
    ``--steps`` iterations).
 4. Trains the same student from scratch with the trainer for the same number of steps, once per
    ``--scratch-grid`` (base lr, EMA momentum) setting; the best scratch model is the bar to beat.
@@ -17,7 +17,8 @@ scratch?
 Every command runs with ``OMP_NUM_THREADS=1``: on a small shared CPU box, two OpenMP threads fighting for cores
 made each step 5-10x slower. Usage::
 
-    .venv/bin/python bench/distill_fmnist.py --workdir /tmp/distill_fmnist --teacher-steps 600 --steps 300
+    .venv/bin/python bench/distill_fmnist.py --workdir /tmp/distill_fmnist --teacher-steps 900 --steps 300 \
+        --teacher-set schedule.base_lr=0.008 --teacher-set schedule.momentum_teacher=0.95
 
 Finished runs in the work directory are reused (a run is finished once its ``export/`` exists).
 """
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-values", type=float, default=0.0,
                    help="LayerScale init of every model (default 0 = off, as the tiny recipes; with DINOv2's 1e-5 an "
                         "untrained 2-block ViT's CLS token is the same for every image)")
-    p.add_argument("--student", default="embed_dim = 64, depth = 4",
+    p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe override of the teacher run only (repeatable)")
+    p.add_argument("--student", default="",
                    help="vit_test overrides of the student (distilled and scratch), TOML inline-table fields")
     p.add_argument("--scratch-grid", nargs="+", default=["0.004:0.99", "0.008:0.99", "0.004:0.95", "0.008:0.95"],
                    metavar="LR:MOMENTUM", help="base lr and EMA momentum of each scratch run; the best one counts")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     times = {}
     times["teacher"] = _run("train", TINY, work / "teacher", common + [
         f"backbone.overrides={{{vit}}}", "phases=[]", f"schedule.epoch_length={args.teacher_steps // 6}",
-        f"train.checkpoint_every={args.teacher_steps}"])
+        f"train.checkpoint_every={args.teacher_steps}", *args.teacher_set])
     times["distill"] = _run("distill", DISTILL, work / "distill", common + [
         f'teacher.weights="{work / "teacher" / "export" / "teacher.pth"}"',
         f'students=[{{name = "student", arch = "vit_test", overrides = {student}}}]'])

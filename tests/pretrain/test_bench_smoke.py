@@ -107,7 +107,7 @@ def test_ssl_sanity_runs_end_to_end(capsys, tmp_path):
 def test_distill_fmnist_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     bench = _load("distill_fmnist")
     argv = ["--workdir", str(tmp_path), "--steps", "12", "--teacher-steps", "12", "--batch", "8", "--size", "28",
-            "--n-train", "64", "--n-bank", "50", "--n-test", "30", "--student", "embed_dim = 32",
+            "--n-train", "64", "--n-bank", "50", "--n-test", "30", "--student", "embed_dim = 16",
             "--scratch-grid", "0.004:0.99"]
     code = bench.main(argv)
     res = json.loads((tmp_path / "results.json").read_text())
