@@ -17,8 +17,7 @@ scratch?
 Every command runs with ``OMP_NUM_THREADS=1``: on a small shared CPU box, two OpenMP threads fighting for cores
 made each step 5-10x slower. Usage::
 
-    .venv/bin/python bench/distill_fmnist.py --workdir /tmp/distill_fmnist --teacher-steps 900 --steps 300 \
-        --teacher-set schedule.base_lr=0.008 --teacher-set schedule.momentum_teacher=0.95
+    .venv/bin/python bench/distill_fmnist.py --workdir /tmp/distill_fmnist --teacher-steps 900 --steps 300
 
 Finished runs in the work directory are reused (a run is finished once its ``export/`` exists).
 """
