@@ -260,7 +260,8 @@ def test_fsdp_two_processes_equal_one(tmp_path, shards, teacher):
 
     single = _parity_run(0, 1, shards, str(teacher), str(tmp_path / "one"))
     ranks = run_distributed(_parity_run, shards, str(teacher), str(tmp_path / "two"), world_size=2, timeout_s=300)
-    np.testing.assert_allclose(np.mean([r["losses"] for r in ranks], axis=0), single["losses"], atol=1e-5, rtol=0)
+    # fp32 sums in another order: a few ulps at losses of ~30 (sharp Sinkhorn targets)
+    np.testing.assert_allclose(np.mean([r["losses"] for r in ranks], axis=0), single["losses"], atol=1e-5, rtol=2e-6)
     assert single["losses"][0] != single["losses"][2]
     for name in ("a", "b"):
         for k, v in single["emas"][name].items():
