@@ -1,11 +1,19 @@
-"""Sinkhorn-Knopp teacher targets (SwAV / DINOv2), computed in the log domain.
+"""Sinkhorn-Knopp teacher targets (SwAV / DINOv2).
 
 Maths (DINOv2 ``sinkhorn_knopp_teacher``): with ``Q = exp(t / temp)`` of shape (K, B) over the *global* batch,
 normalise Q to total mass 1, then ``n_iters`` times: divide each prototype row by its (all-reduced) sum and by K,
 divide each sample column by its (local) sum and by B; return ``B * Q`` transposed, so each sample's row sums
-to 1 and each prototype receives about B / K of the mass. Here every step is done on ``log Q`` with
-``logsumexp`` (max-subtracted, reduced across ranks as max then sum), so logits of any magnitude give neither
-overflow nor 0/0: the reference exponentiates without subtracting the max and returns NaN at large logits.
+to 1 and each prototype receives about B / K of the mass.
+
+Computed in scaling form: every step only rescales prototype rows and sample columns, so
+``Q = diag(u) P diag(v)`` for a fixed ``P``, and each iteration is two matrix-vector products instead of rewriting
+the whole (B, K) matrix (one ``exp`` pass in all; a log-domain form needs eight). ``P = exp(t / temp - m_k - n_b)``
+with ``m_k`` the per-prototype max over the global batch (a row scaling, which the first row normalisation removes
+exactly, as it removes the global normalisation) and ``n_b = max_k (t_kb / temp - m_k) <= 0`` (a column scaling,
+carried in the starting ``v``): every entry of ``P`` lies in [0, 1] and every sample and every prototype has an
+entry equal to 1, so no sample's mass underflows and nothing overflows for logits of any magnitude (the reference
+exponentiates without subtracting a max and returns NaN at large logits). The first prototype sums take the
+samples with their column scaling, where an underflowing ``exp(n_b)`` only drops terms below 1e-38 of a sum >= 1.
 """
 
 from __future__ import annotations
@@ -17,19 +25,6 @@ import torch
 from pretrain.utils.dist import all_reduce_max_, all_reduce_sum_
 
 __all__ = ["sinkhorn_knopp"]
-
-
-def _global_logsumexp(x: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """``logsumexp`` of ``x`` over ``dim`` (None: all elements) where that dimension is split across ranks."""
-    if dim is None:
-        m = x.amax() if x.numel() else x.new_full((), -math.inf)
-    else:
-        m = x.amax(dim=dim, keepdim=True) if x.shape[dim] else x.new_full(x.sum(dim=dim, keepdim=True).shape, -math.inf)
-    m = all_reduce_max_(m.clone())
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = torch.exp(x - m).sum() if dim is None else torch.exp(x - m).sum(dim=dim, keepdim=True)
-    s = all_reduce_sum_(s)
-    return torch.log(s) + m
 
 
 @torch.no_grad()
@@ -70,17 +65,20 @@ def sinkhorn_knopp(
         # A tensor count is clamped rather than checked, so no device sync is forced here.
         n_valid = torch.as_tensor(n_samples, device=device).reshape(()).to(torch.float32).clamp(0, n_rows)
     valid = torch.arange(n_rows, device=device) < n_valid  # (B_local,)
-    log_b = torch.log(all_reduce_sum_(n_valid.clone()))  # global number of samples
+    n_global = all_reduce_sum_(n_valid.clone())  # global number of samples
 
     with torch.autocast(device_type=device.type, enabled=False):
-        # log Q with samples as columns: (K, B_local); padding columns at -inf carry no mass.
-        log_q = (teacher_logits.float() / temp).t()
-        log_q = torch.where(valid[None, :], log_q, torch.full_like(log_q, -math.inf))
-        log_q = log_q - _global_logsumexp(log_q, dim=None)
+        x = teacher_logits.float().div(temp).masked_fill_(~valid[:, None], -math.inf)  # a fresh tensor
+        m = x.amax(dim=0, keepdim=True) if n_rows else x.new_full((1, k), -math.inf)
+        m = all_reduce_max_(m)  # per-prototype max over the global batch
+        x.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+        n = x.amax(dim=1, keepdim=True) if k else x.new_zeros((n_rows, 1))
+        n = torch.where(valid[:, None] & torch.isfinite(n), n, torch.zeros_like(n))  # per-sample max, <= 0
+        p = x.sub_(n).exp_()  # (B_local, K) in [0, 1]; padding rows 0
+        v = torch.where(valid, n.squeeze(1).exp(), torch.zeros_like(n.squeeze(1)))
         for _ in range(n_iters):
-            log_q = log_q - _global_logsumexp(log_q, dim=1) - math.log(k)  # each prototype row -> 1/K
-            col = torch.logsumexp(log_q, dim=0, keepdim=True)  # local: a sample never spans ranks
-            col = torch.where(torch.isfinite(col), col, torch.zeros_like(col))
-            log_q = log_q - col - log_b  # each sample column -> 1/B
-        probs = torch.exp(log_q + log_b).t()
-    return torch.where(valid[:, None], probs, torch.zeros_like(probs)).contiguous()
+            r = all_reduce_sum_(p.t().mv(v))  # prototype mass over the global batch
+            u = torch.where(r > 0, 1.0 / (k * r), torch.zeros_like(r))
+            c = p.mv(u)  # sample mass (a sample never spans ranks)
+            v = torch.where(valid & (c > 0), 1.0 / (n_global * c), torch.zeros_like(c))
+        return p.mul_(u).mul_((n_global * v)[:, None])

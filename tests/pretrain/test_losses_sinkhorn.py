@@ -98,3 +98,42 @@ def test_bad_arguments():
         sinkhorn_knopp(torch.randn(4, 5), 0.1, n_samples=5)
     with pytest.raises(ValueError, match="n_iters"):
         sinkhorn_knopp(torch.randn(4, 5), 0.1, n_iters=0)
+
+
+
+def _log_domain_reference(logits: torch.Tensor, temp: float, n_iters: int) -> torch.Tensor:
+    """The same iterations on log Q in float64 with logsumexp (exact for logits of any magnitude)."""
+    b, k = logits.shape
+    log_q = (logits.double() / temp).t()
+    log_q = log_q - torch.logsumexp(log_q.reshape(-1), 0)
+    for _ in range(n_iters):
+        log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True) - math.log(k)
+        log_q = log_q - torch.logsumexp(log_q, 0, keepdim=True) - math.log(b)
+    return (log_q + math.log(b)).exp().t()
+
+
+def test_scaling_form_matches_float64_log_domain_on_head_like_and_hard_logits():
+    g = torch.Generator().manual_seed(3)
+    cos = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(16, 256, generator=g), dim=0)  # cosine logits, as the heads give
+    far = torch.randn(8, 6, generator=g)
+    far[3] -= 8.0  # exp((t - max) / 0.04) < 1e-60 for every prototype: a float32 column of zeros without n_b
+    wide = torch.randn(20, 12, generator=g) * 30  # exp(t / 0.05) overflows float32 without m_k
+    for logits, temp, n_iters in ((cos, 0.02, 3), (cos, 0.01, 3), (cos, 0.07, 1), (far, 0.04, 3), (far, 0.01, 7),
+                                  (wide, 0.05, 3), (torch.randn(40, 9, generator=g) * 3, 0.1, 5)):
+        probs = sinkhorn_knopp(logits, temp, n_iters)
+        ref = _log_domain_reference(logits, temp, n_iters)
+        torch.testing.assert_close(probs.double(), ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(probs.sum(1), torch.ones(len(logits)))
+    assert sinkhorn_knopp(far, 0.04)[3].max() > 0.1  # the far sample keeps its mass
+
+
+def test_padding_content_is_irrelevant_and_input_untouched():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(12, 7, generator=g)
+    padded = torch.cat([logits, torch.full((4, 7), 1e30), torch.full((2, 7), -math.inf)])
+    before = padded.clone()
+    out = sinkhorn_knopp(padded, 0.05, n_samples=12)
+    torch.testing.assert_close(out[:12], sinkhorn_knopp(logits, 0.05))
+    assert torch.equal(out[12:], torch.zeros(6, 7))
+    assert torch.equal(padded, before)
