@@ -43,22 +43,29 @@ from pretrain.utils.config import parse_value
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "pretrain" / "recipes" / "tiny_cpu.toml")
 DISTILL = str(ROOT / "pretrain" / "recipes" / "distill_tiny_cpu.toml")
+SCRATCH_GRID = ["0.004:0.99", "0.008:0.99", "0.004:0.95", "0.008:0.95"]
 
 
 def _data(work: Path, n_train: int, n_bank: int, n_test: int) -> tuple[str, str, str]:
+    """Training shards (written once per work directory) and k-NN bank/test shards named by their size, so a
+    larger evaluation can reuse runs that are already trained."""
     data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
     if not (data / "done").exists():
-        data.mkdir(parents=True, exist_ok=True)
         x, y = load_fashion_mnist("train")
         write_shards(x[:n_train], y[:n_train], str(data / "train-%06d.tar"), maxcount=2000)
+        (data / "done").write_text(str(n_train))
+    elif int((data / "done").read_text()) != n_train:
+        raise SystemExit(f"{data} holds training shards of another --n-train; use another --workdir")
+    bank, test = data / f"bank{n_bank}-000000.tar", data / f"test{n_test}-000000.tar"
+    if not bank.exists():
         xb, yb = load_fashion_mnist("train", n_bank)  # class-balanced bank for k-NN
-        write_shards(xb, yb, str(data / "bank-%06d.tar"), maxcount=n_bank)
+        write_shards(xb, yb, str(data / f"bank{n_bank}-%06d.tar"), maxcount=n_bank)
+    if not test.exists():
         xt, yt = load_fashion_mnist("test", n_test)
-        write_shards(xt, yt, str(data / "test-%06d.tar"), maxcount=n_test)
-        (data / "done").write_text("ok")
+        write_shards(xt, yt, str(data / f"test{n_test}-%06d.tar"), maxcount=n_test)
     last = (n_train + 1999) // 2000 - 1
-    return (str(data / f"train-{{000000..{last:06d}}}.tar"), str(data / "bank-000000.tar"),
-            str(data / "test-000000.tar"))
+    return str(data / f"train-{{000000..{last:06d}}}.tar"), str(bank), str(test)
 
 
 def _common(urls: str, steps: int, batch: int, size: int) -> list[str]:
@@ -92,6 +99,17 @@ def _knn(weights: Path | torch.nn.Module, bank: str, test: str, size: int) -> di
     return {k: 100 * t for k, t in zip(result.ks, result.top1)}
 
 
+def _grid_entry(text: str, parser: argparse.ArgumentParser) -> tuple[float, float, float | None]:
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return float(parts[0]), float(parts[1]), float(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        parser.error(f"--scratch-grid entries are LR:MOMENTUM or LR:MOMENTUM:IBOT_WEIGHT, got {text!r}")
+        raise  # unreachable: parser.error exits
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="/tmp/distill_fmnist", help="shards, runs and results.json go here")
@@ -107,15 +125,18 @@ def main(argv: list[str] | None = None) -> int:
                         "untrained 2-block ViT's CLS token is the same for every image)")
     p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override of the teacher run only (repeatable)")
+    p.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe override of the distillation run only (repeatable)")
     p.add_argument("--student", default="",
                    help="vit_test overrides of the student (distilled and scratch), TOML inline-table fields")
-    p.add_argument("--scratch-grid", nargs="+", default=["0.004:0.99", "0.008:0.99", "0.004:0.95", "0.008:0.95"],
-                   metavar="LR:MOMENTUM", help="base lr and EMA momentum of each scratch run; the best one counts")
+    p.add_argument("--scratch-grid", nargs="+", default=SCRATCH_GRID, metavar="LR:MOMENTUM[:IBOT]",
+                   help="base lr, EMA momentum and optionally the iBOT loss weight (default: tiny_cpu.toml's) of each "
+                        "scratch run; the best model of all counts")
     args = p.parse_args(argv)
     args.teacher_steps = args.teacher_steps or args.steps
     if args.steps % 6 or args.teacher_steps % 6:
         p.error("--steps and --teacher-steps must be multiples of 6 (the tiny recipes have 6 epochs)")
-    grid = [tuple(float(v) for v in g.split(":")) for g in args.scratch_grid]
+    grid = [_grid_entry(g, p) for g in args.scratch_grid]
     torch.set_num_threads(1)
     work = Path(args.workdir)
     urls, bank, test = _data(work, args.n_train, args.n_bank, args.n_test)
@@ -128,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         f"train.checkpoint_every={args.teacher_steps}", *args.teacher_set])
     times["distill"] = _run("distill", DISTILL, work / "distill", common + [
         f'teacher.weights="{work / "teacher" / "export" / "teacher.pth"}"',
-        f'students=[{{name = "student", arch = "vit_test", overrides = {student}}}]'])
+        f'students=[{{name = "student", arch = "vit_test", overrides = {student}}}]', *args.distill_set])
     scratch_rows = {}
-    for lr, m in grid:
-        name = f"scratch-lr{lr:g}-m{m:g}"
+    for lr, m, ibot in grid:
+        tag = f"lr {lr:g} m {m:g}" + ("" if ibot is None else f" ibot {ibot:g}")
+        name = f"scratch-lr{lr:g}-m{m:g}" + ("" if ibot is None else f"-ibot{ibot:g}")
+        extra = [] if ibot is None else [f"loss.ibot_weight={ibot}"]
         times[name] = _run("train", TINY, work / name, common + [
             'backbone.name="vit_test"', f"backbone.overrides={student}", "phases=[]", f"schedule.base_lr={lr}",
-            f"schedule.momentum_teacher={m}"])
-        scratch_rows[f"student scratch lr {lr:g} m {m:g} (EMA teacher)"] = work / name / "export" / "teacher.pth"
-        scratch_rows[f"student scratch lr {lr:g} m {m:g} (student)"] = work / name / "export" / "student.pth"
+            f"schedule.momentum_teacher={m}", *extra])
+        scratch_rows[f"student scratch {tag} (EMA teacher)"] = work / name / "export" / "teacher.pth"
+        scratch_rows[f"student scratch {tag} (student)"] = work / name / "export" / "student.pth"
     torch.manual_seed(0)
     untrained = build_backbone("vit_test", **parse_value(student))
     rows: dict[str, Path | torch.nn.Module] = {

@@ -108,13 +108,15 @@ def test_distill_fmnist_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     bench = _load("distill_fmnist")
     argv = ["--workdir", str(tmp_path), "--steps", "12", "--teacher-steps", "12", "--batch", "8", "--size", "28",
             "--n-train", "64", "--n-bank", "50", "--n-test", "30", "--student", "embed_dim = 16",
-            "--scratch-grid", "0.004:0.99"]
+            "--scratch-grid", "0.004:0.99", "0.004:0.99:0", "--distill-set", "loss.koleo_weight=0"]
     code = bench.main(argv)
     res = json.loads((tmp_path / "results.json").read_text())
     top1 = {name: acc["20"] for name, acc in res["knn_top1"].items()}
     assert set(top1) == {"student untrained (reference)", "teacher vit_mini (trainer, EMA)",
                          "student distilled (EMA, the deliverable)", "student distilled (raw)",
-                         "student scratch lr 0.004 m 0.99 (EMA teacher)", "student scratch lr 0.004 m 0.99 (student)"}
+                         "student scratch lr 0.004 m 0.99 (EMA teacher)", "student scratch lr 0.004 m 0.99 (student)",
+                         "student scratch lr 0.004 m 0.99 ibot 0 (EMA teacher)",
+                         "student scratch lr 0.004 m 0.99 ibot 0 (student)"}
     assert all(0 <= v <= 100 for v in top1.values())
     teacher, distilled = top1["teacher vit_mini (trainer, EMA)"], top1["student distilled (EMA, the deliverable)"]
     scratch = max(v for k, v in top1.items() if "scratch" in k)
@@ -122,5 +124,9 @@ def test_distill_fmnist_runs_end_to_end_and_reuses_finished_runs(tmp_path):
                              "above_scratch": distilled > scratch}
     assert code == (0 if all(res["checks"].values()) else 1)
     assert all(s > 0 for s in res["wall_s"].values())
+    # the overrides reached their runs
+    assert "koleo_weight = 0.0" in (tmp_path / "distill" / "config.toml").read_text()
+    assert "ibot_weight = 0.0" in (tmp_path / "scratch-lr0.004-m0.99-ibot0" / "config.toml").read_text()
+    assert "ibot_weight = 1.0" in (tmp_path / "scratch-lr0.004-m0.99" / "config.toml").read_text()
     assert bench.main(argv) == code  # a second call reuses every finished run
     assert all(s == 0 for s in json.loads((tmp_path / "results.json").read_text())["wall_s"].values())
