@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nFashion-MNIST k-NN top-1 (%), bank {args.n_bank} train images, {args.n_test} test images, "
           f"{args.size} px, teacher {args.teacher_steps} steps, distillation and scratch {args.steps} steps, "
           f"batch {args.batch}, student vit_test {student}")
-    print(f"{'model':48} {'k=10':>7} {'k=20':>7}")
+    print(f"{'model':56} {'k=10':>7} {'k=20':>7}")
     for name, acc in results.items():
-        print(f"{name:48} {acc[10]:7.2f} {acc[20]:7.2f}")
+        print(f"{name:56} {acc[10]:7.2f} {acc[20]:7.2f}")
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     teacher = results["teacher vit_mini (trainer, EMA)"][20]
     distilled = results["student distilled (EMA, the deliverable)"][20]

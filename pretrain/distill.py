@@ -65,6 +65,10 @@ class DistillConfig:
     """One or more students trained on the same batches (DINOv3-style multi-student distillation)."""
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     """Objective weights (iBOT is on all global-crop patches) and the teacher target normalisation."""
+    feature_weight: float = 0.0
+    """Weight of an optional feature-distillation term, not part of the DINOv2 recipe (0 = off, the paper's
+    setting): ``1 - cos(W s, t)`` between each student's CLS token of a global crop, mapped by a trained linear
+    ``feature_head``, and the teacher's CLS token of the same crop."""
     data: DistillDataConfig
     """Shards and crops."""
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
@@ -82,6 +86,8 @@ class DistillConfig:
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"students.name must be unique, got {names}")
+        if not self.feature_weight >= 0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
 
 
 class DistillTrainer(Trainer):
@@ -96,7 +102,8 @@ class DistillTrainer(Trainer):
     # ------------------------------------------------------------------ trainer hooks
     def build_model(self, mesh: Any, mp: str) -> list[dict]:
         loop = self.cfg.train
-        self.arch = DistillMetaArch(self.cfg.teacher, self.cfg.students, self.cfg.loss).to(self.device)
+        self.arch = DistillMetaArch(self.cfg.teacher, self.cfg.students, self.cfg.loss,
+                                    feature_weight=self.cfg.feature_weight).to(self.device)
         nets = [(self.arch.teacher, False)]
         for name in self.arch.students:  # a student and its EMA sharded alike -> shard-local EMA
             nets += [(self.arch.students[name], loop.activation_checkpointing), (self.arch.emas[name], False)]

@@ -158,8 +158,12 @@ def load_teacher_heads(path: str) -> tuple[dict[str, torch.Tensor], HeadsConfig,
 class DistillMetaArch(nn.Module):
     """``teacher`` (frozen ModuleDict: backbone + heads), ``students`` and ``emas`` (ModuleDicts keyed by name)."""
 
-    def __init__(self, teacher: TeacherConfig, students: list[StudentConfig], loss: LossConfig) -> None:
+    def __init__(self, teacher: TeacherConfig, students: list[StudentConfig], loss: LossConfig, *,
+                 feature_weight: float = 0.0) -> None:
         super().__init__()
+        if feature_weight < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {feature_weight}")
+        self.feature_weight = feature_weight
         if not students:
             raise ValueError("students: give at least one student")
         names = [s.name for s in students]
@@ -191,6 +195,8 @@ class DistillMetaArch(nn.Module):
                 raise ValueError(f"students.overrides.patch_size of {s.name} is {net.patch_size} but the teacher's "
                                  f"is {self.patch_size}: iBOT on all patches needs the same patch grid")
             nets[s.name] = nn.ModuleDict({"backbone": net, **build_heads(self.heads_cfg, net.embed_dim)})
+            if feature_weight > 0:  # linear map of the student's CLS into the teacher's feature space
+                nets[s.name]["feature_head"] = nn.Linear(net.embed_dim, backbone.embed_dim)
         self.students = nn.ModuleDict(nets)
         self.emas = copy.deepcopy(self.students)  # the spare EMA of each student: the deliverable
         self.emas.requires_grad_(False)
@@ -230,7 +236,7 @@ class DistillMetaArch(nn.Module):
         if patch_logits is not None:
             ibot_probs = teacher_targets_from_logits(patch_logits, self.loss_cfg, self.ibot_center, temp)
         return {"cls_logits": cls_logits, "dino_probs": dino_probs, "ibot_probs": ibot_probs,
-                "n_patches": out["x_norm_patchtokens"].shape[1]}
+                "n_patches": out["x_norm_patchtokens"].shape[1], "cls": out["x_norm_clstoken"]}
 
     def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[torch.Tensor, dict[str, Any]]:
         """Sum of the students' losses and every part (``<student>/dino``, ...), from a collated multi-crop batch.
@@ -268,6 +274,11 @@ class DistillMetaArch(nn.Module):
                 g_cls = outs[0]["x_norm_clstoken"]
                 parts[f"{name}/koleo"] = sum(koleo_loss(c, distributed=cfg.koleo_distributed) for c in g_cls.chunk(2))
                 loss = loss + cfg.koleo_weight * parts[f"{name}/koleo"]
+            if self.feature_weight > 0:  # same crop: 1 - cos(W s_cls, t_cls) over the global crops
+                mapped = net["feature_head"](outs[0]["x_norm_clstoken"]).float()
+                cos = torch.nn.functional.cosine_similarity(mapped, teacher["cls"].float(), dim=-1)
+                parts[f"{name}/feature"] = (1.0 - cos).mean()
+                loss = loss + self.feature_weight * parts[f"{name}/feature"]
             parts[f"{name}/total"] = loss
             total = total + loss
             per_student[name] = {"cls_logits": s_cls_logits[:n_global], "cls": outs[0]["x_norm_clstoken"]}

@@ -170,6 +170,50 @@ def test_resume_is_exact_and_students_export(tmp_path, shards, teacher):
     assert not (straight / "export" / "teacher.pth").exists()
 
 
+def test_optional_feature_distillation_term(tmp_path, shards, teacher):
+    off = DistillTrainer(load_config(DistillConfig, TINY, overrides(shards, teacher)), tmp_path / "off").arch
+    assert not any("feature_head" in s for s in off.students.values())  # default: the paper's objective only
+    trainer = DistillTrainer(load_config(DistillConfig, TINY, overrides(shards, teacher, feature_weight=0.5)),
+                             tmp_path / "on")
+    arch = trainer.arch
+    for name, net in arch.students.items():
+        assert net["feature_head"].in_features == net["backbone"].embed_dim
+        assert net["feature_head"].out_features == arch.teacher["backbone"].embed_dim
+        assert "feature_head" in arch.emas[name]  # averaged and exported like the other heads
+    in_optim = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in in_optim for s in arch.students.values() for p in s["feature_head"].parameters())
+    assert any(k.startswith("a.feature_head") for k in trainer.clip_modules())
+
+    torch.manual_seed(0)
+    g, loc = torch.randn(8, 3, 28, 28), torch.randn(8, 3, 14, 14)
+    total, out = arch.compute_losses({"global_crops": g, "local_crops": loc}, 0.04)
+    with torch.no_grad():
+        t_cls = arch.teacher["backbone"].forward_features(g)["x_norm_clstoken"]
+    for name, net in arch.students.items():
+        s_cls = net["backbone"].forward_features(g)["x_norm_clstoken"]
+        expected = (1 - torch.nn.functional.cosine_similarity(net["feature_head"](s_cls), t_cls, dim=-1)).mean()
+        assert out["losses"][f"{name}/feature"].item() == pytest.approx(expected.item(), rel=1e-5)
+        w = arch.loss_cfg
+        rest = sum(getattr(w, f"{part}_weight") * out["losses"][f"{name}/{part}"] for part in ("dino", "ibot", "koleo"))
+        assert out["losses"][f"{name}/total"].item() == pytest.approx((rest + 0.5 * expected).item(), rel=1e-5)
+    # the term alone trains the student's backbone and its map, never the teacher
+    arch.zero_grad(set_to_none=True)
+    s = arch.students["a"]
+    (1 - torch.nn.functional.cosine_similarity(s["feature_head"](s["backbone"].forward_features(g)[
+        "x_norm_clstoken"]), t_cls, dim=-1)).mean().backward()
+    assert s["feature_head"].weight.grad.abs().sum() > 0 and s["backbone"].cls_token.grad.abs().sum() > 0
+    assert all(p.grad is None for p in arch.teacher.parameters())
+    assert torch.isfinite(total)
+    with pytest.raises(ValueError, match="feature_weight"):
+        load_config(DistillConfig, TINY, overrides(shards, teacher, feature_weight=-1.0))
+    # a whole run logs the term and exports the map with the heads; the export can still teach
+    assert _run(tmp_path / "run", shards, teacher, feature_weight=0.5) == 0
+    assert all(m["a/feature"] > 0 for m in _metrics(tmp_path / "run"))
+    heads = torch.load(tmp_path / "run" / "export" / "a_heads.pth", weights_only=True)["heads"]
+    assert heads["feature_head.weight"].shape == (arch.teacher["backbone"].embed_dim, 32)
+    assert load_teacher_heads(str(tmp_path / "run" / "export" / "a_heads.pth"))[3] == 32
+
+
 def test_official_teacher_checkpoint_with_untied_heads(tmp_path):
     path = make_teacher(tmp_path / "official", separate_ibot=True, official=True)
     teacher = TeacherConfig(weights=str(path), heads=str(path), name="vit_test", overrides={"patch_size": 7})
