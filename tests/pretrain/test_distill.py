@@ -171,8 +171,10 @@ def test_resume_is_exact_and_students_export(tmp_path, shards, teacher):
 
 
 def test_optional_feature_distillation_term(tmp_path, shards, teacher):
-    off = DistillTrainer(load_config(DistillConfig, TINY, overrides(shards, teacher)), tmp_path / "off").arch
-    assert not any("feature_head" in s for s in off.students.values())  # default: the paper's objective only
+    assert DistillConfig.__dataclass_fields__["feature_weight"].default == 0.0  # default: the paper's objective
+    off = DistillTrainer(load_config(DistillConfig, TINY, overrides(shards, teacher, feature_weight=0.0)),
+                         tmp_path / "off").arch
+    assert not any("feature_head" in s for s in off.students.values())
     trainer = DistillTrainer(load_config(DistillConfig, TINY, overrides(shards, teacher, feature_weight=0.5)),
                              tmp_path / "on")
     arch = trainer.arch
@@ -306,8 +308,11 @@ def test_fsdp_two_processes_equal_one(tmp_path, shards, teacher):
 
     single = _parity_run(0, 1, shards, str(teacher), str(tmp_path / "one"))
     ranks = run_distributed(_parity_run, shards, str(teacher), str(tmp_path / "two"), world_size=2, timeout_s=300)
-    # fp32 sums in another order: a few ulps at losses of ~30 (sharp Sinkhorn targets)
-    np.testing.assert_allclose(np.mean([r["losses"] for r in ranks], axis=0), single["losses"], atol=1e-5, rtol=2e-6)
+    # The recipe's whole objective (DINO, iBOT on all patches, KoLeo, feature term). fp32 sums in another order
+    # differ by a few ulps at the first step; SGD at lr 2 amplifies that ~6x per step (losses of ~40).
+    two = np.mean([r["losses"] for r in ranks], axis=0)
+    np.testing.assert_allclose(two[0], single["losses"][0], atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(two, single["losses"], atol=1e-5, rtol=5e-5)
     assert single["losses"][0] != single["losses"][2]
     for name in ("a", "b"):
         for k, v in single["emas"][name].items():
