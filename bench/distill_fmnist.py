@@ -101,14 +101,13 @@ def _knn(weights: Path | torch.nn.Module, bank: str, test: str, size: int) -> di
 
 
 def _grid_entry(text: str, parser: argparse.ArgumentParser) -> tuple[float, float, float | None]:
-    parts = text.split(":")
     try:
-        if len(parts) not in (2, 3):
-            raise ValueError
-        return float(parts[0]), float(parts[1]), float(parts[2]) if len(parts) == 3 else None
+        values = [float(v) for v in text.split(":")]
     except ValueError:
+        values = []
+    if len(values) not in (2, 3):
         parser.error(f"--scratch-grid entries are LR:MOMENTUM or LR:MOMENTUM:IBOT_WEIGHT, got {text!r}")
-        raise  # unreachable: parser.error exits
+    return values[0], values[1], values[2] if len(values) == 3 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         f'students=[{{name = "student", arch = "vit_test", overrides = {student}}}]', *args.distill_set])
     scratch_rows = {}
     for lr, m, ibot in grid:
-        tag = f"lr {lr:g} m {m:g}" + ("" if ibot is None else f" ibot {ibot:g}")
-        name = f"scratch-lr{lr:g}-m{m:g}" + ("" if ibot is None else f"-ibot{ibot:g}")
-        extra = [] if ibot is None else [f"loss.ibot_weight={ibot}"]
+        tag, name, extra = f"lr {lr:g} m {m:g}", f"scratch-lr{lr:g}-m{m:g}", []
+        if ibot is not None:  # otherwise tiny_cpu.toml's iBOT weight
+            tag, name, extra = f"{tag} ibot {ibot:g}", f"{name}-ibot{ibot:g}", [f"loss.ibot_weight={ibot}"]
         times[name] = _run("train", TINY, work / name, common + [
             'backbone.name="vit_test"', f"backbone.overrides={student}", "phases=[]", f"schedule.base_lr={lr}",
             f"schedule.momentum_teacher={m}", *extra])
