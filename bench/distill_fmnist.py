@@ -20,7 +20,8 @@ made each step 5-10x slower. Usage::
 
     .venv/bin/python bench/distill_fmnist.py --workdir /tmp/distill_fmnist --teacher-steps 900 --steps 300
 
-Finished runs in the work directory are reused (a run is finished once its ``export/`` exists).
+Finished runs in the work directory are reused when the recipe text and every override are the same (a run is
+finished once its ``export/`` exists); a finished run of other settings stops the bench with a clear error.
 """
 
 from __future__ import annotations
@@ -78,8 +79,13 @@ def _common(urls: str, steps: int, batch: int, size: int) -> list[str]:
 
 
 def _run(cmd: str, recipe: str, out: Path, sets: list[str]) -> float:
+    request = json.dumps({"cmd": cmd, "recipe": Path(recipe).read_text(), "sets": sets}, indent=1)
     if (out / "export").is_dir():  # finished earlier (the export is written last)
-        print(f"# {out}: finished run, skipped", flush=True)
+        done = out / "bench_request.json"
+        if not done.exists() or done.read_text() != request:
+            raise SystemExit(f"{out} holds a finished run of another recipe or other settings; delete it or use "
+                             "another --workdir")
+        print(f"# {out}: finished run of the same request, skipped", flush=True)
         return 0.0
     argv = [sys.executable, "-m", "pretrain", cmd, recipe, "--out", str(out)]
     for s in sets:
@@ -88,6 +94,7 @@ def _run(cmd: str, recipe: str, out: Path, sets: list[str]) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    (out / "bench_request.json").write_text(request)
     return time.perf_counter() - t0
 
 

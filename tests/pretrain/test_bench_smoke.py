@@ -130,3 +130,5 @@ def test_distill_fmnist_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     assert "ibot_weight = 1.0" in (tmp_path / "scratch-lr0.004-m0.99" / "config.toml").read_text()
     assert bench.main(argv) == code  # a second call reuses every finished run
     assert all(s == 0 for s in json.loads((tmp_path / "results.json").read_text())["wall_s"].values())
+    with pytest.raises(SystemExit, match="another recipe or other settings"):  # never a stale run for new settings
+        bench.main(argv + ["--distill-set", "loss.koleo_weight=0.05"])
