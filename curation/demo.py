@@ -246,8 +246,8 @@ def _dedup_figures(run_dir: str, data: DemoData) -> dict[str, Any]:
 
 
 def _evaluate(run_dir: str, data: DemoData, records: dict[str, Any]) -> dict[str, Any]:
+    from curation.io.artifacts import load_assignments
     from curation.io.fs import join, read_parquet
-    from curation.stages.cluster import load_assignments
 
     ing, emb, ded = records["ingest"], records["embed"], records["dedupe"]
     ret, shard = records["retrieve"], records["shard"]

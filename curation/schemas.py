@@ -3,14 +3,26 @@
 ``SOURCES`` (``occurrences/part-*``): one row per source occurrence (file or tar member), before exact
 duplicates collapse. ``MANIFEST``: one row per unique accepted image (uid = sha1 of the bytes) with every URI it
 was found at; ``uri``/``container``/``offset``/``size`` locate the bytes to read back. ``REJECTS``: one row per
-rejected occurrence. ``embeddings(dim, dtype)``, ``DEDUP`` and ``DECONTAM`` follow the stages of the same names.
+rejected occurrence. ``embeddings(dim, dtype)``, ``DEDUP`` and ``DECONTAM`` follow the stages of the same names;
+``assign_schema(n_levels)`` is the cluster stage's assignments, ``RETRIEVAL`` the retrieve stage's (seed, pool image)
+pairs and ``SELECTION`` the selected images (retrieve's ``selection/``, cluster's balanced sample, the shard plan).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["DECONTAM", "DEDUP", "MANIFEST", "REJECTS", "SOURCES", "embeddings"]
+__all__ = [
+    "DECONTAM",
+    "DEDUP",
+    "MANIFEST",
+    "REJECTS",
+    "RETRIEVAL",
+    "SELECTION",
+    "SOURCES",
+    "assign_schema",
+    "embeddings",
+]
 
 SOURCES = pa.schema(
     [
@@ -81,3 +93,34 @@ def embeddings(dim: int, dtype: str) -> pa.Schema:
     """Schema of ``embeddings/part-*``: uid and an L2-normalised fixed-size vector."""
     value = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
     return pa.schema([("uid", pa.string()), ("emb", pa.list_(value, dim))])
+
+
+def assign_schema(n_levels: int) -> pa.Schema:
+    """Schema of ``clusters/assign/part-*``: uid, ``l1..lK`` cluster ids, dist to the level-1 centroid."""
+    return pa.schema(
+        [("uid", pa.string())] + [(f"l{k}", pa.int32()) for k in range(1, n_levels + 1)] + [("dist", pa.float32())]
+    )
+
+
+RETRIEVAL = pa.schema(
+    [
+        ("seed_set", pa.string()),
+        ("seed_uid", pa.string()),
+        ("uid", pa.string()),  # retrieved pool image
+        ("score", pa.float32()),  # cosine similarity seed <-> pool image
+        ("reason", pa.string()),  # knn | cluster
+        ("rank", pa.int32()),  # knn: neighbour rank of the pool image for this seed; cluster: level-1 cluster
+    ]
+)
+
+#: One row per selected image: why it is selected and, for retrieval, by which seed.
+SELECTION = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("reason", pa.string()),  # knn | cluster | balanced (| kept when sharding every kept image)
+        ("seed_set", pa.string()),  # seed set that retrieved it (null for balanced)
+        ("seed_uid", pa.string()),  # best-scoring seed image (null for balanced)
+        ("score", pa.float32()),  # cosine to that seed (balanced: cosine to its level-1 centroid)
+        ("n_seeds", pa.int32()),  # how many seed images retrieved it (collisions)
+    ]
+)

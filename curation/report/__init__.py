@@ -1,5 +1,5 @@
 """The visual report of a curation run: ``report/index.html`` + PNGs that open offline.
 
-:mod:`curation.report.stage` holds the ``report`` stage (registered by :mod:`curation.stages`),
-:mod:`curation.report.draw` the Pillow-only charts and montages.
+The ``report`` stage is :mod:`curation.stages.report` (registered with the other stages by
+:mod:`curation.stages`); :mod:`curation.report.draw` holds its Pillow-only charts and montages.
 """

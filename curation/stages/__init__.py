@@ -1,5 +1,5 @@
-"""Stage registry and the run driver. Importing this package registers ingest, embed and dedupe; later stages
-register themselves with :func:`register_stage` and are run by name.
+"""Stage registry and the run driver. Importing this package registers every stage (ingest, embed, dedupe,
+cluster, retrieve, shard, report); a new stage registers itself with :func:`register_stage` and is run by name.
 """
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import curation.report.stage  # noqa: F401 - registers the report stage
 from curation.config import RunConfig
 from curation.stages.base import STAGES, Executor, LocalExecutor, Stage, merge_stats, register_stage
 from curation.stages.cluster import ClusterStage
 from curation.stages.dedupe import DedupeStage
 from curation.stages.embed import EmbedStage
 from curation.stages.ingest import IngestStage
+from curation.stages.report import ReportStage
 from curation.stages.retrieve import RetrieveStage
 from curation.stages.shard import ShardStage
 
@@ -25,6 +25,7 @@ __all__ = [
     "Executor",
     "IngestStage",
     "LocalExecutor",
+    "ReportStage",
     "RetrieveStage",
     "ShardStage",
     "Stage",

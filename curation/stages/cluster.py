@@ -24,99 +24,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config import RunConfig
-from curation.io.fs import atomic_write_bytes, get_fs, join, read_json, read_parquet, write_json, write_parquet
+from curation.io.artifacts import CLUSTERS_DIR, keep_mask, kept_embeddings, load_centroids, n_embedding_parts
+from curation.io.fs import atomic_write_bytes, join, read_parquet, write_json, write_parquet
 from curation.io.parts import PartStore, part_name
+from curation.schemas import SELECTION, assign_schema
 from curation.stages.base import Executor, Stage, register_stage
 from curation.stages.dedupe import DedupeStage
-from curation.stages.embed import EmbedStage
 
-__all__ = [
-    "SELECTION",
-    "ClusterStage",
-    "assign_schema",
-    "kept_embeddings",
-    "load_assignments",
-    "load_centroids",
-    "n_embedding_parts",
-]
+__all__ = ["ClusterStage"]
 
 log = logging.getLogger(__name__)
-
-#: One row per selected image: why it is selected and, for retrieval, by which seed.
-SELECTION = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("reason", pa.string()),  # knn | cluster | balanced (| kept when sharding every kept image)
-        ("seed_set", pa.string()),  # seed set that retrieved it (null for balanced)
-        ("seed_uid", pa.string()),  # best-scoring seed image (null for balanced)
-        ("score", pa.float32()),  # cosine to that seed (balanced: cosine to its level-1 centroid)
-        ("n_seeds", pa.int32()),  # how many seed images retrieved it (collisions)
-    ]
-)
-
-
-def assign_schema(n_levels: int) -> pa.Schema:
-    """Schema of ``clusters/assign/part-*``: uid, ``l1..lK`` cluster ids, dist to the level-1 centroid."""
-    return pa.schema(
-        [("uid", pa.string())] + [(f"l{k}", pa.int32()) for k in range(1, n_levels + 1)] + [("dist", pa.float32())]
-    )
-
-
-def n_embedding_parts(run_dir: str) -> tuple[int, int]:
-    """``(parts, dim)`` of the finished pool embed stage."""
-    rec = read_json(join(run_dir, EmbedStage.output, "_SUCCESS.json"))
-    if rec is None:
-        raise ValueError(f"no finished embed stage in {run_dir}: run the embed stage first")
-    return int(rec["embedding_parts"]), int(rec["dim"])
-
-
-def _keep_mask(run_dir: str, index: int) -> tuple[list[str], np.ndarray]:
-    t = read_parquet(join(run_dir, DedupeStage.output, part_name(index)), columns=["uid", "keep"])
-    return t["uid"].to_pylist(), np.asarray(t["keep"].to_numpy(zero_copy_only=False), bool)
-
-
-def kept_embeddings(run_dir: str, index: int, dim: int) -> tuple[list[str], np.ndarray]:
-    """Uids and float32 embeddings of the images dedupe kept in embedding part ``index``."""
-    t = read_parquet(join(run_dir, EmbedStage.output, part_name(index)))
-    uids = t["uid"].to_pylist()
-    dedup_uids, keep = _keep_mask(run_dir, index)
-    if dedup_uids != uids:
-        raise ValueError(f"dedup part {index} is not aligned with embeddings part {index} in {run_dir}; "
-                         "rerun dedupe")  # fmt: skip
-    flat = t["emb"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    mat = np.asarray(flat, dtype=np.float32).reshape(t.num_rows, dim)[keep]
-    mat /= np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)  # float16 storage: renormalise
-    return [u for u, k in zip(uids, keep) if k], mat
 
 
 def _save_npy(url: str, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     atomic_write_bytes(url, buf.getvalue())
-
-
-def _load_npy(url: str) -> np.ndarray:
-    fs, path = get_fs(url)
-    with fs.open(path, "rb") as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
-
-
-def load_centroids(run_dir: str, n_levels: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``(centroids per level, parent map per level below the top)`` of a trained cluster stage."""
-    root = join(run_dir, ClusterStage.output)
-    cents = [_load_npy(join(root, f"level{k}", "centroids.npy")) for k in range(1, n_levels + 1)]
-    parents = [_load_npy(join(root, f"level{k}", "parent.npy")) for k in range(1, n_levels)]
-    return cents, parents
-
-
-def load_assignments(run_dir: str) -> pa.Table:
-    """All rows of ``clusters/assign/`` of a finished cluster stage, in part order."""
-    rec = read_json(join(run_dir, ClusterStage.output, "_SUCCESS.json"))
-    if rec is None:
-        raise ValueError(f"no finished cluster stage in {run_dir}: run the cluster stage first")
-    tables = [read_parquet(join(run_dir, ClusterStage.output, "assign", part_name(i)))
-              for i in range(int(rec["assign_parts"]))]  # fmt: skip
-    return pa.concat_tables(tables) if tables else assign_schema(int(rec["levels"])).empty_table()
 
 
 def train_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: str, index: int) -> dict[str, Any]:
@@ -126,7 +49,7 @@ def train_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: s
     t0 = time.perf_counter()
     cfg = config.cluster
     n_parts, dim = n_embedding_parts(run_dir)
-    counts = [int(_keep_mask(run_dir, i)[1].sum()) for i in range(n_parts)]
+    counts = [int(keep_mask(run_dir, i)[1].sum()) for i in range(n_parts)]
     n = sum(counts)
     first = cfg.levels[0]
     n_train = min(n, cfg.train_points or first.max_points_per_centroid * first.n_clusters)
@@ -191,7 +114,7 @@ class ClusterStage(Stage):
     """Kept embeddings -> ``clusters/`` (centroids per level, assignments, optional balanced sample)."""
 
     name = "cluster"
-    output = "clusters"
+    output = CLUSTERS_DIR
     requires = ("dedupe",)
     items_step = "assign"
 

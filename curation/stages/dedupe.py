@@ -21,11 +21,12 @@ import pyarrow as pa
 
 from curation import schemas
 from curation.config import ReferenceSet
-from curation.io.fs import join, read_parquet, write_parquet
-from curation.io.parts import PartStore, part_name
+from curation.io.artifacts import DEDUP_DIR, load_embeddings, manifest_areas, manifest_uris
+from curation.io.fs import join, write_parquet
+from curation.io.parts import part_name
 from curation.stages.base import Executor, Stage, register_stage
-from curation.stages.embed import EmbedStage, load_embeddings
-from curation.stages.ingest import IngestStage, manifest_parts
+from curation.stages.embed import EmbedStage
+from curation.stages.ingest import IngestStage
 
 __all__ = ["DedupeStage", "reference_prefix"]
 
@@ -37,32 +38,12 @@ def reference_prefix(name: str) -> str:
     return f"references/{name}"
 
 
-def _areas(run_dir: str, uids: list[str]) -> np.ndarray:
-    """Pixel area per uid from the manifest (keep priority: larger copies are kept)."""
-    store = PartStore(run_dir, "ingest", IngestStage.output)
-    area: dict[str, int] = {}
-    for url in manifest_parts(store):
-        t = read_parquet(url, columns=["uid", "width", "height"])
-        for u, w, h in zip(t["uid"].to_pylist(), t["width"].to_pylist(), t["height"].to_pylist()):
-            area[u] = int(w) * int(h)
-    return np.array([area.get(u, 0) for u in uids], dtype=np.float64)
-
-
-def _uri_of(run_dir: str, prefix: str) -> dict[str, str]:
-    store = PartStore(run_dir, "ingest", IngestStage.output, prefix)
-    out: dict[str, str] = {}
-    for url in manifest_parts(store):
-        t = read_parquet(url, columns=["uid", "uri"])
-        out.update(zip(t["uid"].to_pylist(), t["uri"].to_pylist()))
-    return out
-
-
 @register_stage
 class DedupeStage(Stage):
     """``embeddings/`` -> ``dedup/`` (uid, component, keep, nearest_uid, score, contaminated) + ``decontam/``."""
 
     name = "dedupe"
-    output = "dedup"
+    output = DEDUP_DIR
     requires = ("embed",)
 
     def config_sections(self) -> tuple[Any, ...]:
@@ -95,7 +76,7 @@ class DedupeStage(Stage):
         self._items_computed = n
         log.info("dedupe: copy detection over %d embeddings (k=%d, threshold=%.3f)", n, cfg.k, cfg.threshold)
         if n:
-            priority = _areas(self.run_dir, uids)
+            priority = manifest_areas(self.run_dir, uids)
             res = copy_detect(emb, k=cfg.k, threshold=cfg.threshold, index=cfg.index, priority=priority,
                               background=background, beta=cfg.beta, background_k=cfg.background_k, progress=True)
             component, keep = np.asarray(res.component, np.int64), np.asarray(res.keep, bool)
@@ -112,7 +93,7 @@ class DedupeStage(Stage):
                                 index=cfg.index, progress=True)  # fmt: skip
             hit_components = np.unique(component[np.asarray(dec.drop, bool)])
             contaminated |= np.isin(component, hit_components)
-            ref_uri = _uri_of(self.run_dir, reference_prefix(ref.name))
+            ref_uri = manifest_uris(self.run_dir, reference_prefix(ref.name))
             for p, r, s in zip(np.asarray(dec.pool_idx), np.asarray(dec.ref_idx), np.asarray(dec.score)):
                 ru = ref_uids[int(r)]
                 report.append(
@@ -137,7 +118,7 @@ class DedupeStage(Stage):
                 },
                 schema=schemas.DEDUP,
             )
-            write_parquet(join(self.store.root, "dedup", part_name(i)), table)
+            write_parquet(join(self.store.root, DEDUP_DIR, part_name(i)), table)
             start += size
         report_table = pa.Table.from_pylist(
             sorted(report, key=lambda r: (r["reference"], r["uid"], r["ref_uid"])), schema=schemas.DECONTAM

@@ -22,13 +22,14 @@ import pyarrow as pa
 from curation import schemas
 from curation.config import RunConfig
 from curation.decode import DecodeError, DecodeLimits, load_rgb
-from curation.io.fs import join, read_parquet, write_parquet
-from curation.io.parts import PartStore, part_name
+from curation.io.artifacts import EMBEDDINGS_DIR, manifest_parts
+from curation.io.fs import read_parquet, write_parquet
+from curation.io.parts import PartStore
 from curation.io.sources import read_location
 from curation.stages.base import Executor, Stage, merge_stats, register_stage
-from curation.stages.ingest import IngestStage, manifest_parts
+from curation.stages.ingest import IngestStage
 
-__all__ = ["EmbedStage", "EmbedWorker", "load_embeddings"]
+__all__ = ["EmbedStage", "EmbedWorker"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class EmbedWorker:
             [pa.array(uids, pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)],
             schema=schemas.embeddings(dim, self.cfg.dtype),
         )
-        write_parquet(self.store.data_url("embeddings", index), out)
+        write_parquet(self.store.data_url(EMBEDDINGS_DIR, index), out)
         seconds = time.perf_counter() - t0
         stats = {
             "part": index,
@@ -127,7 +128,7 @@ class EmbedStage(Stage):
     """``manifest/`` -> ``embeddings/`` (uid, L2-normalised fixed-size vector)."""
 
     name = "embed"
-    output = "embeddings"
+    output = EMBEDDINGS_DIR
     requires = ("ingest",)
     items_step = "embed"
 
@@ -164,25 +165,3 @@ class EmbedStage(Stage):
         stats["actors"] = concurrency
         stats["gpus_per_actor"] = gpus
         return stats
-
-
-def load_embeddings(run_dir: str, prefix: str = "") -> tuple[list[str], np.ndarray, list[int]]:
-    """All embeddings of a finished embed stage: ``(uids, float32 matrix, part sizes)`` in part order."""
-    store = PartStore(run_dir, "embed", EmbedStage.output, prefix)
-    from curation.io.fs import read_json
-
-    rec = read_json(store.success_url)
-    if rec is None:
-        raise ValueError(f"no finished embed stage in {store.root}: run the embed stage first")
-    uids: list[str] = []
-    mats: list[np.ndarray] = []
-    sizes: list[int] = []
-    dim = int(rec["dim"])
-    for i in range(int(rec["embedding_parts"])):
-        t = read_parquet(join(store.root, "embeddings", part_name(i)))
-        uids += t["uid"].to_pylist()
-        flat = t["emb"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        mats.append(np.asarray(flat, dtype=np.float32).reshape(t.num_rows, dim))
-        sizes.append(t.num_rows)
-    mat = np.concatenate(mats) if mats else np.zeros((0, dim), np.float32)
-    return uids, mat, sizes

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 from curation import schemas
 from curation.config import IngestConfig, RunConfig
 from curation.decode import DecodeLimits, Rejected, inspect_image
+from curation.io.artifacts import MANIFEST_DIR
 from curation.io.fs import get_fs, join, read_json, write_json, write_parquet
-from curation.io.parts import PartStore, part_name
+from curation.io.parts import PartStore
 from curation.io.sources import IngestUnit, extension, member_uri, plan_units
 from curation.stages.base import Executor, Stage, merge_stats, register_stage
 
@@ -35,7 +36,6 @@ __all__ = [
     "bucket_of",
     "check_bytes",
     "collapse_part",
-    "manifest_parts",
     "scan_unit",
     "sources_for",
     "uid_range",
@@ -176,7 +176,7 @@ def collapse_part(store: PartStore, n_scan: int, n_buckets: int, per_task: int, 
     buckets = bucket_of([r["uid"] for r in rows], n_buckets)
     for b in range(first, last + 1):
         part = [r for r, rb in zip(rows, buckets) if rb == b]
-        write_parquet(store.data_url("manifest", b), pa.Table.from_pylist(part, schema=schemas.MANIFEST))
+        write_parquet(store.data_url(MANIFEST_DIR, b), pa.Table.from_pylist(part, schema=schemas.MANIFEST))
     stats = {
         "part": task,
         "in": occ.num_rows,
@@ -205,7 +205,7 @@ class IngestStage(Stage):
     """Sources -> ``manifest/`` (unique accepted images) + ``rejects/`` (+ ``occurrences/`` for lineage)."""
 
     name = "ingest"
-    output = "manifest"
+    output = MANIFEST_DIR
     items_step = "scan"
 
     def __init__(self, config: RunConfig, run_dir: str, prefix: str = "") -> None:
@@ -252,10 +252,3 @@ class IngestStage(Stage):
         )
         return stats
 
-
-def manifest_parts(store: PartStore) -> list[str]:
-    """URLs of the manifest parts of a finished ingest, in order."""
-    rec = read_json(store.success_url)
-    if rec is None:
-        raise ValueError(f"no finished ingest in {store.root}: run the ingest stage first")
-    return [join(store.root, "manifest", part_name(i)) for i in range(int(rec["manifest_parts"]))]

@@ -26,45 +26,34 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curation.config import RunConfig
-from curation.curate_config import SeedSet
-from curation.io.fs import exists, join, read_parquet, write_parquet
-from curation.io.parts import part_name
-from curation.stages.base import Executor, Stage, register_stage
-from curation.stages.cluster import (
-    SELECTION,
-    ClusterStage,
-    kept_embeddings,
+from curation.config import RunConfig, SeedSet
+from curation.io.artifacts import (
+    CLUSTERS_DIR,
+    SELECTION_DIR,
     load_assignments,
     load_centroids,
-    n_embedding_parts,
+    load_embeddings,
+    load_kept,
 )
+from curation.io.fs import exists, join, read_parquet, write_parquet
+from curation.io.parts import part_name
+from curation.schemas import RETRIEVAL, SELECTION
+from curation.stages.base import Executor, Stage, register_stage
+from curation.stages.cluster import ClusterStage
 from curation.stages.dedupe import DedupeStage
-from curation.stages.embed import EmbedStage, load_embeddings
+from curation.stages.embed import EmbedStage
 from curation.stages.ingest import IngestStage
 
 __all__ = [
-    "RETRIEVAL",
     "RetrieveStage",
     "SeedEmbedStage",
     "SeedIngestStage",
     "embed_seed_set",
-    "load_kept",
     "seed_prefix",
 ]
 
 log = logging.getLogger(__name__)
 
-RETRIEVAL = pa.schema(
-    [
-        ("seed_set", pa.string()),
-        ("seed_uid", pa.string()),
-        ("uid", pa.string()),  # retrieved pool image
-        ("score", pa.float32()),  # cosine similarity seed <-> pool image
-        ("reason", pa.string()),  # knn | cluster
-        ("rank", pa.int32()),  # knn: neighbour rank of the pool image for this seed; cluster: level-1 cluster
-    ]
-)
 _PRIORITY = {"knn": 0, "cluster": 1, "balanced": 2}
 SELECTION_ROWS_PER_PART = 100_000
 
@@ -115,18 +104,6 @@ def embed_seed_set(config: RunConfig, run_dir: str, seeds: SeedSet, executor: Ex
     return uids, emb
 
 
-def load_kept(run_dir: str) -> tuple[list[str], np.ndarray]:
-    """Uids and embeddings of every image dedupe kept, in part order (aligned with ``clusters/assign``)."""
-    n_parts, dim = n_embedding_parts(run_dir)
-    uids: list[str] = []
-    mats = []
-    for i in range(n_parts):
-        u, m = kept_embeddings(run_dir, i, dim)
-        uids += u
-        mats.append(m)
-    return uids, np.concatenate(mats) if mats else np.zeros((0, dim), np.float32)
-
-
 def _cap_knn(si: np.ndarray, pi: np.ndarray, sc: np.ndarray, cap: int) -> np.ndarray:
     """Mask of pairs kept when at most ``cap`` distinct pool images may be retrieved (best score first)."""
     uniq, inv = np.unique(pi, return_inverse=True)
@@ -144,7 +121,7 @@ class RetrieveStage(Stage):
     """Seed sets + kept pool -> ``retrieval/`` (pairs) and ``selection/`` (one row per selected image)."""
 
     name = "retrieve"
-    output = "selection"
+    output = SELECTION_DIR
     requires = ("dedupe",)
 
     def _needs_cluster(self) -> bool:
@@ -284,7 +261,7 @@ class RetrieveStage(Stage):
              "n_seeds": n_seeds[u]}
             for u, k in best.items()
         ]  # fmt: skip
-        balanced_url = join(self.run_dir, ClusterStage.output, "balanced", part_name(0))
+        balanced_url = join(self.run_dir, CLUSTERS_DIR, "balanced", part_name(0))
         if self.config.retrieve.include_balanced and self.config.cluster.target_size > 0 and exists(balanced_url):
             for row in read_parquet(balanced_url).to_pylist():
                 if row["uid"] not in best:

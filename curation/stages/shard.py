@@ -39,16 +39,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation.config import RunConfig
-from curation.curate_config import ShardConfig
+from curation.config import RunConfig, ShardConfig
 from curation.decode import DecodeError, load_rgb
+from curation.io.artifacts import (
+    CLUSTERS_DIR,
+    DEDUP_DIR,
+    MANIFEST_DIR,
+    SELECTION_DIR,
+    SHARDS_DIR,
+    load_assignments,
+    manifest_parts,
+)
 from curation.io.fs import exists, get_fs, join, read_json, read_parquet, write_json, write_parquet
 from curation.io.parts import PartStore, part_name
 from curation.io.sources import read_location
+from curation.schemas import SELECTION
 from curation.stages.base import Executor, Stage, register_stage
-from curation.stages.cluster import SELECTION, ClusterStage, load_assignments
 from curation.stages.dedupe import DedupeStage
-from curation.stages.ingest import IngestStage, manifest_parts
 
 __all__ = ["ShardStage", "encode_image", "label_of", "shard_name", "write_tar"]
 
@@ -225,7 +232,7 @@ class ShardStage(Stage):
     """Selection + manifest + lineage -> ``shards/{prefix}-NNNNNN.tar`` and ``shards/index.json``."""
 
     name = "shard"
-    output = "shards"
+    output = SHARDS_DIR
     requires = ("dedupe",)
     items_step = "shard"
 
@@ -233,9 +240,9 @@ class ShardStage(Stage):
         """Which selection to shard: ``selection``, ``balanced`` or ``dedup`` (see ``shard.selection``)."""
         mode = self.config.shard.selection
         have = {
-            "selection": read_json(join(self.run_dir, "selection", "_SUCCESS.json")) is not None,
-            "balanced": exists(join(self.run_dir, ClusterStage.output, "balanced", part_name(0)))
-            and read_json(join(self.run_dir, ClusterStage.output, "_SUCCESS.json")) is not None,
+            "selection": read_json(join(self.run_dir, SELECTION_DIR, "_SUCCESS.json")) is not None,
+            "balanced": exists(join(self.run_dir, CLUSTERS_DIR, "balanced", part_name(0)))
+            and read_json(join(self.run_dir, CLUSTERS_DIR, "_SUCCESS.json")) is not None,
             "dedup": True,
         }
         if mode == "auto":
@@ -250,22 +257,22 @@ class ShardStage(Stage):
         source = self._source()
         upstream: Any = None
         if source == "selection":
-            upstream = (read_json(join(self.run_dir, "selection", "_SUCCESS.json")) or {}).get("config_hash")
+            upstream = (read_json(join(self.run_dir, SELECTION_DIR, "_SUCCESS.json")) or {}).get("config_hash")
         elif source == "balanced":
-            upstream = (read_json(join(self.run_dir, ClusterStage.output, "_SUCCESS.json")) or {}).get("config_hash")
+            upstream = (read_json(join(self.run_dir, CLUSTERS_DIR, "_SUCCESS.json")) or {}).get("config_hash")
         return (dedupe, source, upstream, self.config.shard, self.config.ingest.decode, self.config.seed)
 
     def _selected(self, source: str) -> pa.Table:
         if source == "selection":
-            rec = read_json(join(self.run_dir, "selection", "_SUCCESS.json"))
-            return pa.concat_tables([read_parquet(join(self.run_dir, "selection", part_name(i)), schema=SELECTION)
+            rec = read_json(join(self.run_dir, SELECTION_DIR, "_SUCCESS.json"))
+            return pa.concat_tables([read_parquet(join(self.run_dir, SELECTION_DIR, part_name(i)), schema=SELECTION)
                                      for i in range(int(rec["selection_parts"]))])  # fmt: skip
         if source == "balanced":
-            return read_parquet(join(self.run_dir, ClusterStage.output, "balanced", part_name(0)), schema=SELECTION)
-        rec = read_json(join(self.run_dir, DedupeStage.output, "_SUCCESS.json"))
+            return read_parquet(join(self.run_dir, CLUSTERS_DIR, "balanced", part_name(0)), schema=SELECTION)
+        rec = read_json(join(self.run_dir, DEDUP_DIR, "_SUCCESS.json"))
         kept = []
         for i in range(int(rec["dedup_parts"])):
-            t = read_parquet(join(self.run_dir, DedupeStage.output, part_name(i)), columns=["uid", "keep"])
+            t = read_parquet(join(self.run_dir, DEDUP_DIR, part_name(i)), columns=["uid", "keep"])
             kept += [u for u, k in zip(t["uid"].to_pylist(), t["keep"].to_pylist()) if k]
         n = len(kept)
         return pa.table({"uid": pa.array(kept, pa.string()), "reason": pa.array(["kept"] * n, pa.string()),
@@ -284,7 +291,7 @@ class ShardStage(Stage):
         cfg = self.config.shard
         rows = {r["uid"]: r for r in sel.to_pylist()}
         info: dict[str, dict[str, Any]] = {}
-        for part in manifest_parts(PartStore(self.run_dir, "ingest", IngestStage.output)):
+        for part in manifest_parts(PartStore(self.run_dir, "ingest", MANIFEST_DIR)):
             for r in read_parquet(part).to_pylist():
                 if r["uid"] in rows:
                     info[r["uid"]] = r
@@ -293,12 +300,12 @@ class ShardStage(Stage):
             raise ValueError(f"{len(missing)} selected uids are not in the manifest of {self.run_dir} (e.g. "
                              f"{missing[0]}); the selection belongs to another run")  # fmt: skip
         component: dict[str, int] = {}
-        rec = read_json(join(self.run_dir, DedupeStage.output, "_SUCCESS.json"))
+        rec = read_json(join(self.run_dir, DEDUP_DIR, "_SUCCESS.json"))
         for i in range(int(rec["dedup_parts"])):
-            t = read_parquet(join(self.run_dir, DedupeStage.output, part_name(i)), columns=["uid", "component"])
+            t = read_parquet(join(self.run_dir, DEDUP_DIR, part_name(i)), columns=["uid", "component"])
             component.update((u, c) for u, c in zip(t["uid"].to_pylist(), t["component"].to_pylist()) if u in rows)
         clusters: dict[str, dict[str, int]] = {}
-        if read_json(join(self.run_dir, ClusterStage.output, "_SUCCESS.json")) is not None:
+        if read_json(join(self.run_dir, CLUSTERS_DIR, "_SUCCESS.json")) is not None:
             a = load_assignments(self.run_dir)
             levels = [c for c in a.column_names if c.startswith("l") and c[1:].isdigit()]
             for r in a.to_pylist():

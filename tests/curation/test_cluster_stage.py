@@ -10,9 +10,9 @@ import pytest
 
 from curation import schemas
 from curation.config import RunConfig
+from curation.io.artifacts import load_assignments, load_centroids
 from curation.io.fs import read_json, read_parquet, write_json, write_parquet
 from curation.stages import LocalExecutor, run_stages
-from curation.stages.cluster import load_assignments, load_centroids
 from curation.stages.dedupe import DedupeStage
 from curation.stages.embed import EmbedStage
 from pretrain.utils.config import load_config

@@ -18,11 +18,11 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from curation.config import RunConfig
 from curation.decode import DecodeLimits, load_rgb
+from curation.io.artifacts import load_embeddings
 from curation.models import build_embedder
 from curation.models.descriptor import DescriptorPreprocess, descriptor_dim
 from curation.models.torch_embedder import ResizePreprocess
 from curation.stages import EmbedStage, IngestStage, LocalExecutor
-from curation.stages.embed import load_embeddings
 from pretrain.utils.config import load_config
 
 from .conftest import jpeg_bytes, photos

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 
 from curation.config import RunConfig
+from curation.io.artifacts import load_assignments, load_centroids, load_embeddings, load_kept
 from curation.io.fs import read_json, read_parquet
 from curation.stages import LocalExecutor, run_stages
-from curation.stages.cluster import load_assignments, load_centroids
-from curation.stages.embed import load_embeddings
-from curation.stages.retrieve import load_kept
 from pretrain.utils.config import load_config
 
 from .conftest import jpeg_bytes, make_copy, photos

@@ -20,12 +20,22 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curation.decode import DecodeError, load_rgb
+from curation.io.artifacts import (
+    CLUSTERS_DIR,
+    DEDUP_DIR,
+    EMBEDDINGS_DIR,
+    MANIFEST_DIR,
+    REPORT_DIR,
+    SELECTION_DIR,
+    SHARDS_DIR,
+    load_assignments,
+    manifest_parts,
+)
 from curation.io.fs import atomic_write_bytes, exists, get_fs, join, read_json, read_parquet
 from curation.io.parts import PartStore, part_name
 from curation.io.sources import read_location
 from curation.report.draw import bar_chart, caption_tile, grid_rows, thumbnail
 from curation.stages.base import Executor, Stage, register_stage
-from curation.stages.ingest import IngestStage, manifest_parts
 
 __all__ = ["ImageReader", "ReportStage"]
 
@@ -33,8 +43,8 @@ log = logging.getLogger(__name__)
 
 KEPT, DROPPED, SEED = (40, 160, 60), (200, 50, 50), (50, 90, 210)
 _STAGES = ("ingest", "embed", "dedupe", "cluster", "retrieve", "shard")
-_OUTPUTS = {"ingest": "manifest", "embed": "embeddings", "dedupe": "dedup", "cluster": "clusters",
-            "retrieve": "selection", "shard": "shards"}  # fmt: skip
+_OUTPUTS = {"ingest": MANIFEST_DIR, "embed": EMBEDDINGS_DIR, "dedupe": DEDUP_DIR, "cluster": CLUSTERS_DIR,
+            "retrieve": SELECTION_DIR, "shard": SHARDS_DIR}  # fmt: skip
 
 
 class ImageReader:
@@ -46,7 +56,7 @@ class ImageReader:
         if not uids:
             return
         wanted = list(uids)
-        for url in manifest_parts(PartStore(run_dir, "ingest", IngestStage.output, prefix)):
+        for url in manifest_parts(PartStore(run_dir, "ingest", MANIFEST_DIR, prefix)):
             t = read_parquet(url, columns=["uid", "uri", "container", "offset", "size"])
             t = t.filter(pc.is_in(t["uid"], value_set=pc.cast(wanted, "string")))
             for r in t.to_pylist():
@@ -74,7 +84,7 @@ class ReportStage(Stage):
     """Run outputs -> ``report/index.html`` + PNGs (viewable offline)."""
 
     name = "report"
-    output = "report"
+    output = REPORT_DIR
     requires = ("dedupe",)
 
     def config_sections(self) -> tuple[Any, ...]:
@@ -151,7 +161,7 @@ class ReportStage(Stage):
                 f"<table><tr><th>dropped</th><th>images</th></tr>{rrows}</table>")  # fmt: skip
 
     def _cluster_sizes(self, recs: dict[str, Any]) -> str:
-        sizes = read_json(join(self.run_dir, "clusters", "sizes.json")) if recs["cluster"] else None
+        sizes = read_json(join(self.run_dir, CLUSTERS_DIR, "sizes.json")) if recs["cluster"] else None
         if not sizes:
             return "<h2>Cluster sizes</h2><p>The cluster stage did not run.</p>"
         before = np.asarray(sizes["level1_before"])
@@ -170,8 +180,6 @@ class ReportStage(Stage):
     def _montages(self, recs: dict[str, Any]) -> str:
         if not recs["cluster"]:
             return ""
-        from curation.stages.cluster import load_assignments
-
         cfg = self.config.report
         a = load_assignments(self.run_dir)
         l1 = np.asarray(a["l1"].to_numpy(zero_copy_only=False), np.int64)
@@ -203,7 +211,7 @@ class ReportStage(Stage):
         if not cfg.duplicate_groups:
             return ""
         n_parts = int(recs["dedupe"]["dedup_parts"])
-        t = [read_parquet(join(self.run_dir, "dedup", part_name(i))) for i in range(n_parts)]
+        t = [read_parquet(join(self.run_dir, DEDUP_DIR, part_name(i))) for i in range(n_parts)]
         rows_all = [r for table in t for r in table.to_pylist()]
         comp = np.array([r["component"] for r in rows_all], np.int64)
         if not len(comp):
