@@ -303,8 +303,10 @@ class ShardConfig:
     """Globally shuffle the samples under the run seed before cutting shards (else sorted by uid)."""
     reencode: Literal["never", "non_jpeg", "always"] = "non_jpeg"
     """``non_jpeg``: JPEG sources keep their original bytes as ``uid.jpg``, other formats are decoded (EXIF
-    orientation, RGB conversion) and re-encoded to JPEG; ``never``: every source keeps its bytes and extension
-    (``uid.png``, ``uid.webp``, ...); ``always``: every image is re-encoded to JPEG."""
+    orientation, RGB conversion) and re-encoded to JPEG; ``never``: JPEG, PNG and WebP sources keep their bytes and
+    extension (``uid.jpg``, ``uid.png``, ``uid.webp``), while formats outside the WebDataset sample contract
+    (:mod:`pretrain.utils.wds_sample`: BMP, TIFF, GIF) are still re-encoded to JPEG, so every image member is one
+    the pretraining and eval readers accept; ``always``: every image is re-encoded to JPEG."""
     max_side: int = 0
     """Downscale (and re-encode to JPEG) images whose longer side exceeds this (0 = keep the size)."""
     jpeg_quality: int = 95

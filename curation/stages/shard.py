@@ -7,7 +7,9 @@ and cluster ids, sorted by uid and globally shuffled under the run seed, then cu
 One task per shard then reads each image from its source (file or tar member by offset), writes the members
 
 * ``<uid>.jpg`` - the original bytes, or re-encoded JPEG (``shard.reencode``, ``shard.max_side``); with
-  ``reencode = "never"`` non-JPEG sources keep their bytes and extension (``<uid>.png``, ...);
+  ``reencode = "never"`` PNG and WebP sources keep their bytes and extension (``<uid>.png``, ``<uid>.webp``), other
+  formats (BMP, TIFF, GIF) are re-encoded to JPEG: image members only ever have an extension of the WebDataset
+  sample contract (:mod:`pretrain.utils.wds_sample`), the ones the pretraining and eval readers accept;
 * ``<uid>.json`` - lineage: source URI (and every URI with these bytes), container/offset, source format and
   size, stored size, dedup component, clusters ``l1..lK``, selection reason, seed set, seed uid and score, label;
 * ``<uid>.cls`` - the integer label, when ``shard.label_from`` finds one,
@@ -56,12 +58,15 @@ from curation.io.sources import read_location
 from curation.schemas import SELECTION
 from curation.stages.base import Executor, Stage, register_stage
 from curation.stages.dedupe import DedupeStage
+from pretrain.utils.wds_sample import IMAGE_EXTENSIONS, LABEL_KEY, METADATA_KEY
 
 __all__ = ["ShardStage", "encode_image", "label_of", "shard_name", "write_tar"]
 
 log = logging.getLogger(__name__)
 
-_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "GIF": "gif"}
+#: Pillow formats stored with their original bytes (when ``shard.reencode`` allows) and their member extension:
+#: only extensions of the sample contract, so every reader takes the image; other formats are re-encoded to JPEG.
+_EXT = {fmt: ext for fmt, ext in {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.items() if ext in IMAGE_EXTENSIONS}
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 _JSON_ESTIMATE = 1024
 
@@ -88,8 +93,9 @@ def label_of(uri: str, cfg: ShardConfig) -> int | None:
 def encode_image(data: bytes, fmt: str, width: int, height: int, cfg: ShardConfig, limits: Any
                  ) -> tuple[bytes, str, int, int, bool]:  # fmt: skip
     """Bytes to store for an image of manifest ``fmt``/``width``/``height``: ``(bytes, extension, width, height,
-    reencoded)`` under ``cfg``. Kept bytes are returned untouched; anything else is decoded (EXIF orientation,
-    RGB conversion), downscaled to ``max_side`` when larger, and encoded as JPEG."""
+    reencoded)`` under ``cfg``. Kept bytes are returned untouched; anything else (and, whatever ``cfg.reencode``, any
+    format whose extension is outside the sample contract) is decoded (EXIF orientation, RGB conversion),
+    downscaled to ``max_side`` when larger, and encoded as JPEG."""
     fmt = (fmt or "").upper()
     resize = bool(cfg.max_side) and max(width, height) > cfg.max_side
     keep = cfg.reencode == "never" or (cfg.reencode == "non_jpeg" and fmt == "JPEG")
@@ -170,9 +176,9 @@ def _sample(row: dict[str, Any], config: RunConfig, shard: str) -> tuple[dict[st
         "selection": {k: row[k] for k in ("reason", "seed_set", "seed_uid", "score", "n_seeds")},
         "label": row["label"], "class": row["class"], "shard": shard,
     }  # fmt: skip
-    members = {ext: img, "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()}
+    members = {ext: img, METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()}
     if row["label"] is not None:
-        members["cls"] = str(row["label"]).encode()
+        members[LABEL_KEY] = str(row["label"]).encode()
     return members, len(img)
 
 
@@ -203,7 +209,7 @@ def shard_part(config: RunConfig, plan_url: str, store: PartStore, config_hash: 
     stats = {
         "part": index, "name": name, "in": len(rows), "out": len(samples), "count": len(samples),
         "bytes": n_bytes, "image_bytes": image_bytes, "sha256": sha, "rejected": dict(sorted(rejected.items())),
-        "labelled": sum("cls" in m for _, m in samples), "seconds": round(time.perf_counter() - t0, 3),
+        "labelled": sum(LABEL_KEY in m for _, m in samples), "seconds": round(time.perf_counter() - t0, 3),
     }  # fmt: skip
     store.mark_done("shard", index, stats, config_hash)
     return stats

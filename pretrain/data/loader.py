@@ -30,6 +30,7 @@ from pretrain.data.augment import MultiCropAugment, MultiCropConfig, decode_for_
 from pretrain.data.collate import MaskFn, collate_multicrop
 from pretrain.data.masking import MaskingConfig
 from pretrain.data.wds import MixedStream, WdsConfig, expand_shards
+from pretrain.utils.wds_sample import image_member
 
 __all__ = ["COUNTERS", "MultiCropWebDataset", "WdsLoader"]
 
@@ -83,7 +84,8 @@ class MultiCropWebDataset(IterableDataset):
             samples: list[dict[str, Any]] = []
             while len(samples) < cfg.batch_size:
                 set_index, raw = next(samples_it)
-                data = next((raw[k] for k in image_keys if k in raw), None)
+                member = image_member(raw, image_keys)
+                data = None if member is None else raw[member]
                 if data is None:
                     counters["missing_image"] += 1
                     log.debug("sample %s of %s has none of the fields %s", raw["__key__"], raw["__url__"], image_keys)

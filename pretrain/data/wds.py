@@ -30,6 +30,8 @@ import numpy as np
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pretrain.utils.wds_sample import IMAGE_EXTENSIONS
+
 __all__ = ["MixedStream", "SetStream", "WdsConfig", "expand_shards", "read_shard"]
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,9 @@ class WdsConfig:
     """Shards a stream reads at once, interleaved at random; the resume replay reads at most this many."""
     seed: int = 0
     """Seed of shard orders, shuffles, augmentations and masks."""
-    image_key: str = "jpg;jpeg;png;webp"
-    """Sample fields to take the image from, first present wins (';'-separated, lower case)."""
+    image_key: str = ";".join(IMAGE_EXTENSIONS)
+    """Sample fields to take the image from, first present wins (';'-separated, lower case); default: the image
+    extensions of the sample contract (:mod:`pretrain.utils.wds_sample`), ``jpg;jpeg;png;webp``."""
     label_key: str | None = None
     """Sample field holding an integer label (e.g. "cls"); None = no labels."""
     prefetch_factor: int = 2

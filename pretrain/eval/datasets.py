@@ -24,9 +24,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from webdataset import tariterators
 
+from pretrain.utils.wds_sample import IMAGE_EXTENSIONS, LABEL_KEY, image_member
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _SHARD_BITS = 32  # order = shard_index << 32 | position_in_shard
 
 Transform = Callable[[Image.Image], Any]
@@ -150,15 +151,17 @@ def _iter_shard(url: str) -> Iterator[dict[str, Any]]:
 
 def _wds_record(sample: dict[str, Any], url: str) -> tuple[str, bytes, int]:
     key = sample["__key__"]
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    ext = image_member(sample)
     if ext is None:
         raise ValueError(f"sample {key!r} in {url} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
-    if "cls" not in sample:
-        raise ValueError(f"sample {key!r} in {url} has no 'cls' label; eval shards need <key>.cls files")
+    if LABEL_KEY not in sample:
+        raise ValueError(f"sample {key!r} in {url} has no '{LABEL_KEY}' label; "
+                         f"eval shards need <key>.{LABEL_KEY} files")
     try:
-        label = int(sample["cls"].decode().strip())
+        label = int(sample[LABEL_KEY].decode().strip())
     except ValueError:
-        raise ValueError(f"sample {key!r} in {url}: cls must be an integer, got {sample['cls'][:32]!r}") from None
+        raise ValueError(f"sample {key!r} in {url}: {LABEL_KEY} must be an integer, "
+                         f"got {sample[LABEL_KEY][:32]!r}") from None
     if label < 0:
         raise ValueError(f"sample {key!r} in {url}: labels must be >= 0, got {label}")
     return key, sample[ext], label

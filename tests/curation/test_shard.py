@@ -259,3 +259,54 @@ def test_bad_selection_setting_names_the_field(base_run, tmp_path):
     with pytest.raises(ValueError, match="shard.prefix"):
         _config(src, 'shard.prefix="a/b"')
     assert ShardStage.output == "shards"
+
+
+def test_never_reencode_stores_only_members_the_pretrain_readers_read(tmp_path):
+    """With ``reencode = "never"``, a BMP (TIFF, GIF) source becomes a JPEG member, a PNG keeps its bytes: every
+    sample is read by the training loader (:mod:`pretrain.data.wds`) and the eval shards (:mod:`pretrain.eval`)."""
+    from pretrain.data.augment import MultiCropConfig
+    from pretrain.data.loader import WdsLoader
+    from pretrain.data.wds import WdsConfig
+    from pretrain.eval.datasets import open_dataset
+    from pretrain.utils.wds_sample import IMAGE_EXTENSIONS
+
+    src = tmp_path / "src"
+    expected: dict[str, tuple[int, str, str]] = {}  # uid -> (label, source format, stored extension)
+    for i, ((name, im), fmt) in enumerate(zip(photos(160), ("BMP", "TIFF", "GIF", "PNG"))):
+        buf = io.BytesIO()
+        im.save(buf, fmt)
+        d = src / CLASSES[i % 3]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.{fmt.lower()}").write_bytes(buf.getvalue())
+        expected[hashlib.sha1(buf.getvalue()).hexdigest()] = (i % 3, fmt, "png" if fmt == "PNG" else "jpg")
+    run = str(tmp_path / "run")
+    rec = run_stages(_config(src, 'shard.reencode="never"'), run, LocalExecutor(),
+                     ["ingest", "embed", "dedupe", "shard"])["shard"]  # fmt: skip
+    assert rec["out"] == len(expected) == 4 and rec["shards"] == 1
+    pattern = f"{run}/shards/{rec['pattern']}"
+
+    stored = {}
+    for data in _tar_bytes(run).values():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            for m in tf.getmembers():
+                uid, ext = m.name.split(".", 1)
+                assert ext in (*IMAGE_EXTENSIONS, "json", "cls")
+                if ext == "json":
+                    meta = json.loads(tf.extractfile(m).read())
+                    assert meta["stored"]["reencoded"] == (meta["source_format"].upper() != "PNG")
+                elif ext != "cls":
+                    stored[uid] = ext
+    assert stored == {u: e for u, (_, _, e) in expected.items()}
+
+    cfg = WdsConfig(urls=[pattern], batch_size=4, num_workers=0, shuffle_buffer=0, shards_per_window=1,
+                    label_key="cls")  # fmt: skip
+    loader = WdsLoader(cfg, MultiCropConfig(global_size=28, local_size=14, n_local=2), patch_size=7)
+    batch = next(iter(loader))
+    assert sorted(batch["keys"]) == sorted(expected)
+    assert batch["labels"].tolist() == [expected[k][0] for k in batch["keys"]]
+    assert loader.metrics()["missing_image"] == loader.metrics()["corrupt_image"] == 0
+
+    ds = open_dataset(pattern, transform=None)
+    samples = {key: (label, img) for img, label, _, key in ds}
+    assert {k: lab for k, (lab, _) in samples.items()} == {u: lab for u, (lab, _, _) in expected.items()}
+    assert all(isinstance(img, Image.Image) for _, img in samples.values())
