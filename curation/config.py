@@ -177,10 +177,29 @@ class DedupeConfig:
     """Weight of the background bias (SSCD default 1.0)."""
     background_k: int = 3
     """Background neighbours averaged into each image's bias (SSCD: neighbours 0..2)."""
+    block_rows: int = 65_536
+    """Memory bound of every dedupe task: vectors per block (reduce, components, keep, write), per IVF list
+    group (join) and, divided by 8, per exact-plan tile. A task holds O(block_rows x (dim + k)) numbers."""
+    replicas: int = 2
+    """IVF plan (pools above ``index.exact_max``): each vector goes to its ``replicas`` nearest coarse lists and
+    pairs are scored inside every list, so two copies are found when they share one of those lists. Higher =
+    better recall, cost grows with replicas^2."""
+    list_rows: int = 2048
+    """IVF plan: target vectors per list (replicas counted); nlist = n x replicas / list_rows. Larger lists =
+    better recall, cost grows linearly with it."""
+    recall_sample: int = 1000
+    """Pool vectors whose exact edges are computed to report the candidate generation's ``edge_recall``
+    (0 = skip)."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"dedupe.k must be >= 1, got {self.k}")
+        for name in ("block_rows", "replicas", "list_rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"dedupe.{name} must be a positive integer, got {v!r}")
+        if isinstance(self.recall_sample, bool) or not isinstance(self.recall_sample, int) or self.recall_sample < 0:
+            raise ValueError(f"dedupe.recall_sample must be an integer >= 0, got {self.recall_sample!r}")
         for name in ("threshold", "decontam_threshold"):
             v = getattr(self, name)
             if not -1.0 <= v <= 1.0:

@@ -8,7 +8,6 @@ from typing import Any
 import pyarrow.compute as pc
 
 from curation.io.fs import get_fs, join, read_json, read_parquet
-from curation.io.parts import part_name
 
 __all__ = ["lineage"]
 
@@ -67,9 +66,10 @@ def lineage(run_dir: str, uri: str) -> dict[str, Any]:
             break
     else:
         out.update(kept=False, note="no embedding (unreadable at embed time)")
-    report = join(run_dir, "decontam", part_name(0))
-    fs, path = get_fs(report)
-    if fs.exists(path):
-        t = read_parquet(report)
-        out["decontam_matches"] = t.filter(pc.equal(t["uid"], uid)).drop_columns(["uid"]).to_pylist()
+    matches = []
+    for url in _parts(run_dir, "decontam"):  # one part per dedupe block
+        t = read_parquet(url)
+        matches += t.filter(pc.equal(t["uid"], uid)).drop_columns(["uid"]).to_pylist()
+    if _parts(run_dir, "decontam"):
+        out["decontam_matches"] = matches
     return out

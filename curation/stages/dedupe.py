@@ -1,30 +1,70 @@
-"""Dedupe: copy detection over the pool embeddings and decontamination against reference sets.
+"""Dedupe: copy detection over the pool embeddings and decontamination against reference sets, as part-sized
+Ray tasks (DINOv2 App. A.3: k-NN graph, threshold, connected components, one image kept per component).
 
-Copy detection (DINOv2 App. A.3) and the keep policy live in :mod:`curation.index`; this stage feeds it the
-embeddings (and image areas as keep priority: the largest copy is kept), then for every reference set in
-``dedupe.references`` ingests and embeds the reference images with the same model into
-``references/<name>/``, matches the pool against them with the stricter ``decontam_threshold`` and drops every
-copy-detection component that holds a matching pool image. With ``dedupe.background`` the copy-detection
-scores are SSCD-normalised against that set (ingested and embedded into ``background/``). Outputs
-``dedup/part-N`` (aligned with ``embeddings/part-N``) and ``decontam/part-00000`` (pool uid, reference set,
-reference uid/uri, score). The whole pool is one computation, so an interrupted dedupe is recomputed (its
-inputs are resumable parts).
+Steps (each a set of parts with markers, so a killed run resumes at the first unfinished part):
+
+1. candidate pairs and the copy graph (:mod:`curation.stages.copygraph`): ``join`` tasks over tile pairs
+   (exact plan, pools up to ``dedupe.index.exact_max``) or ``train`` -> ``bucket`` -> ``join`` over IVF list
+   groups (larger pools); ``reduce`` per block merges them into the top-``k`` edges above the threshold and
+   every image's best partner;
+2. ``refs`` per block: decontamination matches against every reference set (ingested and embedded with the
+   pool's model into ``references/<name>/``) and ``recall`` per block (+ ``recall-merge``): the candidate
+   recall against the exact graph on a seeded sample (``dedupe.recall_sample``), reported as ``edge_recall``;
+3. connected components of the copy graph, and of the decontamination graph (pool-pool edges above
+   ``decontam_threshold`` plus the reference matches), by star contraction over bucketed edges
+   (:mod:`curation.stages.components`);
+4. ``keep`` / ``resolve`` / ``write`` (:mod:`curation.stages.dedupe_steps`): the largest image of each
+   component is kept (ties: the first in part order); components touching a reference are dropped
+   (``contaminated``). The step data under ``_work/dedupe/`` is deleted once every step is done (markers stay).
+
+Outputs: ``dedup/part-N`` (aligned with ``embeddings/part-N``: uid, component = smallest member gid, keep,
+nearest_uid, score, contaminated) and ``decontam/part-B`` per block (pool uid, reference set, reference
+uid/uri, score; one empty part without reference sets). With ``dedupe.background`` scores are
+SSCD-normalised against that set.
+
+**Memory contract.** No process holds more than O(``block_rows``) vectors, edges or rows: a task loads one
+tile pair, one IVF list group or one block (``dedupe.block_rows`` vectors, at most ``k`` edges each), plus the
+small global state (IVF centroids, the reference and background sets, the recall sample). The driver holds
+part counts and task statistics only. ``block_rows`` bounds every task; ``replicas``, ``list_rows`` and
+``index.exact_max`` set the accuracy and cost of the candidate generation.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curation import schemas
-from curation.config import ReferenceSet
-from curation.io.artifacts import DEDUP_DIR, load_embeddings, manifest_areas, manifest_uris
-from curation.io.fs import join, write_parquet
-from curation.io.parts import part_name
+from curation.io.artifacts import DEDUP_DIR, EMBEDDINGS_DIR, manifest_parts
+from curation.io.fs import get_fs, join, read_json, write_parquet
+from curation.io.parts import PartStore, part_name
 from curation.stages.base import Executor, Stage, register_stage
+from curation.stages.components import ComponentGraph, run_components
+from curation.stages.copygraph import (
+    GraphJob,
+    bucket_part,
+    exact_join_part,
+    exact_pairs,
+    exact_tiles,
+    ivf_join_part,
+    plan_blocks,
+    reduce_part,
+    train_part,
+)
+from curation.stages.dedupe_steps import (
+    RefSet,
+    edge_recall,
+    keep_part,
+    recall_part,
+    recall_sample,
+    refs_part,
+    resolve_part,
+    write_part,
+)
 from curation.stages.embed import EmbedStage
 from curation.stages.ingest import IngestStage
 
@@ -38,6 +78,21 @@ def reference_prefix(name: str) -> str:
     return f"references/{name}"
 
 
+def _embedding_parts(run_dir: str, prefix: str) -> tuple[list[str], list[int], int]:
+    """``(part URLs, rows per part, dim)`` of a finished embed stage (row counts from the Parquet footers)."""
+    store = PartStore(run_dir, "embed", EMBEDDINGS_DIR, prefix)
+    rec = read_json(store.success_url)
+    if rec is None:
+        raise ValueError(f"no finished embed stage in {store.root}: run the embed stage first")
+    urls = [join(store.root, EMBEDDINGS_DIR, part_name(i)) for i in range(int(rec["embedding_parts"]))]
+    sizes = []
+    for url in urls:
+        fs, path = get_fs(url)
+        with fs.open(path, "rb") as f:
+            sizes.append(pq.ParquetFile(f).metadata.num_rows)
+    return urls, sizes, int(rec["dim"])
+
+
 @register_stage
 class DedupeStage(Stage):
     """``embeddings/`` -> ``dedup/`` (uid, component, keep, nearest_uid, score, contaminated) + ``decontam/``."""
@@ -45,91 +100,109 @@ class DedupeStage(Stage):
     name = "dedupe"
     output = DEDUP_DIR
     requires = ("embed",)
+    items_step = "write"
 
     def config_sections(self) -> tuple[Any, ...]:
         embed = EmbedStage(self.config, self.run_dir, self.prefix)
         return (embed.config_hash, self.config.dedupe)
 
-    def _references(self, executor: Executor) -> list[tuple[ReferenceSet, list[str], np.ndarray]]:
-        out = []
+    def _embedded(self, executor: Executor, prefix: str) -> tuple[list[str], list[int]]:
+        IngestStage(self.config, self.run_dir, prefix).execute(executor)
+        EmbedStage(self.config, self.run_dir, prefix).execute(executor)
+        urls, sizes, _ = _embedding_parts(self.run_dir, prefix)
+        return urls, sizes
+
+    def _references(self, executor: Executor) -> tuple[list[RefSet], int]:
+        refs, total = [], 0
         for ref in self.config.dedupe.references:
             prefix = reference_prefix(ref.name)
-            IngestStage(self.config, self.run_dir, prefix).execute(executor)
-            EmbedStage(self.config, self.run_dir, prefix).execute(executor)
-            uids, mat, _ = load_embeddings(self.run_dir, prefix)
-            out.append((ref, uids, mat))
-        return out
+            urls, sizes = self._embedded(executor, prefix)
+            manifest = manifest_parts(PartStore(self.run_dir, "ingest", IngestStage.output, prefix))
+            refs.append(RefSet(ref.name, urls, manifest))
+            total += sum(sizes)
+        return refs, total
 
     def run(self, executor: Executor) -> dict[str, Any]:
-        from curation.index.dedup import copy_detect, decontaminate
+        from curation.index.config import plan_index
 
         cfg = self.config.dedupe
-        refs = self._references(executor)
-        background = None
-        if cfg.background:
-            IngestStage(self.config, self.run_dir, "background").execute(executor)
-            EmbedStage(self.config, self.run_dir, "background").execute(executor)
-            background = load_embeddings(self.run_dir, "background")[1]
-        uids, emb, sizes = load_embeddings(self.run_dir, self.prefix)
-        n = len(uids)
-        self._parts_total = self._parts_computed = len(sizes)
-        self._items_computed = n
-        log.info("dedupe: copy detection over %d embeddings (k=%d, threshold=%.3f)", n, cfg.k, cfg.threshold)
-        if n:
-            priority = manifest_areas(self.run_dir, uids)
-            res = copy_detect(emb, k=cfg.k, threshold=cfg.threshold, index=cfg.index, priority=priority,
-                              background=background, beta=cfg.beta, background_k=cfg.background_k, progress=True)
-            component, keep = np.asarray(res.component, np.int64), np.asarray(res.keep, bool)
-            nearest, score = np.asarray(res.nearest, np.int64), np.asarray(res.score, np.float32)
+        refs, n_refs = self._references(executor)
+        background = self._embedded(executor, "background")[0] if cfg.background else []
+        urls, sizes, dim = _embedding_parts(self.run_dir, self.prefix)
+        n = sum(sizes)
+        decontam = bool(refs) and n_refs > 0
+        job = GraphJob(
+            cfg=cfg, store=self.store, config_hash=self.config_hash, part_urls=urls,
+            part_starts=np.r_[0, np.cumsum(sizes)].astype(int).tolist(), dim=dim,
+            blocks=plan_blocks(sizes, cfg.block_rows),
+            threshold=min(cfg.threshold, cfg.decontam_threshold) if decontam else cfg.threshold,
+            background=background, ref_count=n_refs if decontam else 0,
+        )  # fmt: skip
+        n_blocks = len(job.blocks)
+        plan = plan_index(n, dim, cfg.index).kind if n else "flat"
+        log.info("dedupe: %d embeddings in %d parts, %d blocks, %s plan (k=%d, threshold=%.3f)",
+                 n, len(urls), n_blocks, "exact" if plan == "flat" else "IVF", cfg.k, cfg.threshold)  # fmt: skip
+        stats: dict[str, Any] = {"plan": "exact" if plan == "flat" else "ivf", "blocks": n_blocks}
+        if plan == "flat":
+            tiles = exact_tiles(job)
+            n_join = len(exact_pairs(len(tiles)))
+            self.run_parts(executor, "join", n_join, partial(exact_join_part, job, tiles))
         else:
-            component, keep = np.zeros(0, np.int64), np.zeros(0, bool)
-            nearest, score = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        contaminated = np.zeros(n, bool)
-        report: list[dict[str, Any]] = []
-        for ref, ref_uids, ref_emb in refs:
-            if not n or not len(ref_uids):
-                continue
-            dec = decontaminate(emb, ref_emb, k=min(cfg.k, len(ref_uids)), threshold=cfg.decontam_threshold,
-                                index=cfg.index, progress=True)  # fmt: skip
-            hit_components = np.unique(component[np.asarray(dec.drop, bool)])
-            contaminated |= np.isin(component, hit_components)
-            ref_uri = manifest_uris(self.run_dir, reference_prefix(ref.name))
-            for p, r, s in zip(np.asarray(dec.pool_idx), np.asarray(dec.ref_idx), np.asarray(dec.score)):
-                ru = ref_uids[int(r)]
-                report.append(
-                    {"uid": uids[int(p)], "reference": ref.name, "ref_uid": ru, "ref_uri": ref_uri.get(ru),
-                     "score": float(s)}
-                )  # fmt: skip
-            log.info("decontamination vs %s: %d matching pairs, %d components dropped",
-                     ref.name, len(dec.score), len(hit_components))  # fmt: skip
-        final_keep = keep & ~contaminated
-        nearest_uid = [uids[int(j)] if j >= 0 else None for j in nearest]
-        start = 0
-        for i, size in enumerate(sizes):
-            sl = slice(start, start + size)
-            table = pa.table(
-                {
-                    "uid": pa.array(uids[sl], pa.string()),
-                    "component": pa.array(component[sl], pa.int64()),
-                    "keep": pa.array(final_keep[sl], pa.bool_()),
-                    "nearest_uid": pa.array(nearest_uid[sl], pa.string()),
-                    "score": pa.array(score[sl], pa.float32()),
-                    "contaminated": pa.array(contaminated[sl], pa.bool_()),
-                },
-                schema=schemas.DEDUP,
-            )
-            write_parquet(join(self.store.root, DEDUP_DIR, part_name(i)), table)
-            start += size
-        report_table = pa.Table.from_pylist(
-            sorted(report, key=lambda r: (r["reference"], r["uid"], r["ref_uid"])), schema=schemas.DECONTAM
-        )
-        write_parquet(join(self.store.root, "decontam", part_name(0)), report_table)
-        return {
-            "in": n,
-            "out": int(final_keep.sum()),
-            "rejected": {"duplicate": int((~keep & ~contaminated).sum()), "contaminated": int(contaminated.sum())},
-            "components": int(len(np.unique(component))),
-            "decontam_matches": len(report),
-            "rows": {"dedup": n, "decontam": len(report)},
-            "dedup_parts": len(sizes),
-        }
+            train = self.run_parts(executor, "train", 1, partial(train_part, job))[0]
+            n_join = int(train["groups"])
+            self.run_parts(executor, "bucket", len(urls), partial(bucket_part, job, n_join))
+            joins = self.run_parts(executor, "join", n_join, partial(ivf_join_part, job))
+            stats.update(nlist=train["nlist"], largest_list=max(int(p["largest_list"]) for p in joins))
+        stats["join_tasks"] = n_join
+        self.run_parts(executor, "reduce", n_blocks, partial(reduce_part, job, n_join, decontam))
+        if decontam:
+            self.run_parts(executor, "refs", n_blocks, partial(refs_part, job, refs))
+        if cfg.recall_sample and n:
+            sample = recall_sample(job)
+            self.run_parts(executor, "recall", n_blocks, partial(recall_part, job, sample))
+            merged = self.run_parts(executor, "recall-merge", 1, partial(edge_recall, job, len(sample[0])))[0]
+            stats.update({k: merged[k] for k in ("edge_recall", "recall_exact_edges")}, recall_sample=merged["in"])
+        starts = job.block_starts[:-1].tolist()
+        dup = ComponentGraph("cc-dup", job.work("cc-dup"), starts, self.store, self.config_hash)
+        stats["cc_rounds"] = run_components(self, executor, dup, dup.round_files(0))["rounds"]
+        dec = None
+        if decontam:
+            dec_starts = [0] + [s + n_refs for s in starts[1:]]
+            dec = ComponentGraph("cc-dec", job.work("cc-dec"), dec_starts, self.store, self.config_hash)
+            ref_files = [job.work("cc-dec", "refs", part_name(b)) for b in range(n_blocks)]
+            run_components(self, executor, dec, dec.round_files(0) + ref_files)
+        manifest = manifest_parts(PartStore(self.run_dir, "ingest", IngestStage.output, self.prefix))
+        self.run_parts(executor, "keep", n_blocks, partial(keep_part, job, manifest, dup, dec))
+        self.run_parts(executor, "resolve", n_blocks, partial(resolve_part, job))
+        written = self.run_parts(executor, "write", n_blocks, partial(write_part, job))
+        if not decontam:  # no reference set: one empty match table, so readers always find decontam/
+            write_parquet(self.store.data_url("decontam", 0), schemas.DECONTAM.empty_table())
+        matches = self._decontam_rows(n_blocks) if decontam else 0
+        total = {k: sum(int(p[k]) for p in written) for k in ("in", "out", "duplicates", "contaminated",
+                                                              "components")}  # fmt: skip
+        stats.update({
+            "in": total["in"], "out": total["out"],
+            "rejected": {"duplicate": total["duplicates"], "contaminated": total["contaminated"]},
+            "components": total["components"], "decontam_matches": matches,
+            "rows": {"dedup": total["in"], "decontam": matches}, "dedup_parts": len(urls),
+            "decontam_parts": n_blocks if decontam else 1,
+        })  # fmt: skip
+        self._drop_intermediates()
+        return stats
+
+    def _drop_intermediates(self) -> None:
+        """Delete the step data under ``_work/dedupe`` (vector buckets, edges, labels); the markers stay, so a
+        rerun still skips every step. Every statistic the driver reports comes from markers or outputs."""
+        fs, path = get_fs(self.store.work)
+        if fs.exists(path):
+            for f in fs.find(path):
+                if not f.endswith(".json"):
+                    fs.rm(f)
+
+    def _decontam_rows(self, n_blocks: int) -> int:
+        total = 0
+        for b in range(n_blocks):
+            fs, path = get_fs(self.store.data_url("decontam", b))
+            with fs.open(path, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
