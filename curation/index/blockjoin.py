@@ -24,6 +24,8 @@ __all__ = ["BlockJoin", "join_blocks", "merge_best", "top_k_edges"]
 
 #: Rows of one matrix product (bounds the score matrix of a task at ``CHUNK x CHUNK`` floats).
 CHUNK = 4096
+#: Sub-block side inside one block: only the upper triangle of sub-block products is computed.
+TRI_CHUNK = 512
 
 
 @dataclass
@@ -62,17 +64,19 @@ def join_blocks(xa: np.ndarray, ida: np.ndarray, xb: np.ndarray | None = None, i
         bias = None if bias_a is None else np.concatenate([bias_a, bias_b])
     col = _Collector(len(ids), float(threshold), None if bias is None else np.asarray(bias, np.float32), beta)
     col.k = int(k)
-    if xb is None:
-        for qs in range(0, na, CHUNK):
-            q = np.arange(qs, min(na, qs + CHUNK), dtype=np.int64)
-            for ms in range(0, na, CHUNK):
-                m = np.arange(ms, min(na, ms + CHUNK), dtype=np.int64)
+    if xb is None:  # upper triangle of sub-blocks, each product used for both directions
+        for qs in range(0, na, TRI_CHUNK):
+            q = np.arange(qs, min(na, qs + TRI_CHUNK), dtype=np.int64)
+            for ms in range(qs, na, TRI_CHUNK):
+                m = np.arange(ms, min(na, ms + TRI_CHUNK), dtype=np.int64)
                 sims = x[q] @ x[m].T
-                lo, hi = max(qs, ms), min(q[-1], m[-1]) + 1
-                if lo < hi:  # the block holds the diagonal: no self pairs
-                    diag = np.arange(lo, hi)
-                    sims[diag - qs, diag - ms] = -np.inf
-                col.add(q, m, sims)
+                if ms == qs:  # no self pairs
+                    sims[np.arange(len(q)), np.arange(len(q))] = -np.inf
+                    col.add(q, m, sims)
+                else:
+                    back = np.ascontiguousarray(sims.T)
+                    col.add(q, m, sims)
+                    col.add(m, q, back)
     else:
         for qs in range(0, na, CHUNK):
             q = np.arange(qs, min(na, qs + CHUNK), dtype=np.int64)

@@ -23,10 +23,11 @@ __all__ = ["bucket_of_ranges", "read_bucket", "write_buckets"]
 
 
 def write_buckets(url: str, table: pa.Table, bucket: np.ndarray, n_buckets: int,
-                  compression: str = "lz4") -> list[int]:
+                  compression: str = "none") -> list[int]:
     """Write ``table`` at ``url`` with row group ``b`` holding the rows whose ``bucket`` is ``b``.
 
-    Rows keep their order inside a bucket. Returns the row count of every bucket.
+    Rows keep their order inside a bucket. Returns the row count of every bucket. Written without dictionary
+    encoding and, by default, uncompressed: shuffle files are read once, and vectors do not compress.
     """
     bucket = np.asarray(bucket, dtype=np.int64)
     if bucket.shape != (table.num_rows,):
@@ -38,7 +39,7 @@ def write_buckets(url: str, table: pa.Table, bucket: np.ndarray, n_buckets: int,
     starts = np.r_[0, np.cumsum(counts)]
     sorted_table = table.take(pa.array(order)) if len(order) else table
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, table.schema, compression=compression) as writer:
+    with pq.ParquetWriter(buf, table.schema, compression=compression, use_dictionary=False) as writer:
         for b in range(n_buckets):
             piece = sorted_table.slice(int(starts[b]), int(counts[b]))
             writer.write_table(piece, row_group_size=max(1, int(counts[b])))
