@@ -30,9 +30,7 @@ __all__ = [
     "load_centroids",
     "load_embeddings",
     "load_kept",
-    "manifest_areas",
     "manifest_parts",
-    "manifest_uris",
     "n_embedding_parts",
 ]
 
@@ -52,27 +50,6 @@ def manifest_parts(store: PartStore) -> list[str]:
     if rec is None:
         raise ValueError(f"no finished ingest in {store.root}: run the ingest stage first")
     return [join(store.root, MANIFEST_DIR, part_name(i)) for i in range(int(rec["manifest_parts"]))]
-
-
-def manifest_areas(run_dir: str, uids: list[str]) -> np.ndarray:
-    """Pixel area per uid from the pool manifest (dedupe's keep priority: larger copies are kept)."""
-    store = PartStore(run_dir, "ingest", MANIFEST_DIR)
-    area: dict[str, int] = {}
-    for url in manifest_parts(store):
-        t = read_parquet(url, columns=["uid", "width", "height"])
-        for u, w, h in zip(t["uid"].to_pylist(), t["width"].to_pylist(), t["height"].to_pylist()):
-            area[u] = int(w) * int(h)
-    return np.array([area.get(u, 0) for u in uids], dtype=np.float64)
-
-
-def manifest_uris(run_dir: str, prefix: str) -> dict[str, str]:
-    """uid -> primary URI of every image in the manifest under ``prefix`` (``""``: the pool)."""
-    store = PartStore(run_dir, "ingest", MANIFEST_DIR, prefix)
-    out: dict[str, str] = {}
-    for url in manifest_parts(store):
-        t = read_parquet(url, columns=["uid", "uri"])
-        out.update(zip(t["uid"].to_pylist(), t["uri"].to_pylist()))
-    return out
 
 
 def load_embeddings(run_dir: str, prefix: str = "") -> tuple[list[str], np.ndarray, list[int]]:
