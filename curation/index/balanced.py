@@ -6,6 +6,9 @@ each to clusters larger than ``x`` (chosen at random under the seed). Every clus
 over its children at the next level down the same way, until the leaves (the data points) get 0 or 1. Leaf
 picks are random or, with ``strategy="closest"``, the points closest to their level-1 centroid. The result has
 exactly ``target_size`` items whenever the pool has at least that many.
+
+:func:`level1_allocation` is the part above the leaves: it needs the level-1 cluster sizes only, so a
+distributed caller (the cluster stage) runs it on summed counts and picks the leaves per part.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["waterfill", "balanced_sample", "cluster_sizes"]
+__all__ = ["waterfill", "balanced_sample", "cluster_sizes", "level1_allocation"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,29 @@ def cluster_sizes(assignments: Sequence[np.ndarray]) -> list[np.ndarray]:
     return sizes
 
 
+def level1_allocation(level1_sizes: np.ndarray, parents: Sequence[np.ndarray], target_size: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Water-fill ``target_size`` from the top level down to the level-1 clusters, from their sizes alone.
+
+    ``level1_sizes[c]`` is the number of leaves of level-1 cluster ``c`` (its length: the level-1 cluster count
+    with parents, else the largest used id + 1, as :func:`cluster_sizes` counts); ``parents[k]`` maps the
+    level-(k+1) clusters to level k+2. Draws the tie keys of every level from ``rng`` exactly as
+    :func:`balanced_sample` does; returns the allocation per level-1 cluster and the number of ``rng.random``
+    values drawn (the leaf tie keys come next). Requires ``target_size <= level1_sizes.sum()``.
+    """
+    sizes = [np.asarray(level1_sizes, dtype=np.int64)]
+    for lvl, p in enumerate(parents):
+        n_clusters = len(parents[lvl + 1]) if lvl + 1 < len(parents) else int(p.max()) + 1 if len(p) else 0
+        sizes.append(np.bincount(p, weights=sizes[-1], minlength=n_clusters).astype(np.int64))
+    top = sizes[-1]
+    drawn = len(top)
+    alloc = waterfill(np.zeros(len(top), dtype=np.int64), top, np.array([target_size]), rng.random(len(top)))
+    for lvl in range(len(parents) - 1, -1, -1):
+        drawn += len(parents[lvl])
+        alloc = waterfill(parents[lvl], sizes[lvl], alloc, rng.random(len(parents[lvl])))
+    return alloc, drawn
+
+
 def _check_assignments(assignments_per_level: Sequence[np.ndarray]) -> list[np.ndarray]:
     if not len(assignments_per_level):
         raise ValueError("assignments_per_level must hold at least one level")
@@ -122,14 +148,9 @@ def balanced_sample(assignments_per_level: Sequence[np.ndarray], target_size: in
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
     sizes = cluster_sizes(a)
-    top = sizes[-1]
-    alloc = waterfill(np.zeros(len(top), dtype=np.int64), top, np.array([target_size]), rng.random(len(top)))
-    for lvl in range(len(a) - 1, -1, -1):
-        if lvl == 0 and strategy == "closest":
-            tie = distances
-        else:
-            tie = rng.random(len(a[lvl]))
-        alloc = waterfill(a[lvl], sizes[lvl], alloc, tie)
+    alloc, _ = level1_allocation(sizes[1], a[1:], target_size, rng)
+    tie = distances if strategy == "closest" else rng.random(n)
+    alloc = waterfill(a[0], sizes[0], alloc, tie)
     picked = np.flatnonzero(alloc)
     assert len(picked) == target_size, "water-filling lost items"  # internal invariant
     return picked.astype(np.int64)

@@ -18,7 +18,14 @@ from curation.index.balanced import waterfill
 from curation.index.config import IndexConfig
 from curation.index.search import knn_search
 
-__all__ = ["retrieve_knn", "retrieve_by_cluster", "collision_counts", "CollisionStats", "collision_stats"]
+__all__ = [
+    "CollisionStats",
+    "cluster_take",
+    "collision_counts",
+    "collision_stats",
+    "retrieve_by_cluster",
+    "retrieve_knn",
+]
 
 
 def retrieve_knn(pool: np.ndarray, seeds: np.ndarray, n_per_seed: int = 4, index: IndexConfig | None = None, *,
@@ -63,11 +70,8 @@ def retrieve_by_cluster(pool_labels: np.ndarray, seed_labels: np.ndarray, m_per_
         return np.zeros(0, dtype=np.int64)
     n_clusters = int(max(pl.max(), sl.max())) + 1
     rng = np.random.default_rng(seed)
-    seed_counts = np.bincount(sl, minlength=n_clusters)
-    pool_counts = np.bincount(pl, minlength=n_clusters)
-    take = np.where(seed_counts > min_seeds_per_cluster, np.minimum(pool_counts, m_per_cluster), 0)
-    if cap is not None and take.sum() > cap:
-        take = waterfill(np.zeros(n_clusters, dtype=np.int64), take, np.array([cap]), rng.random(n_clusters))
+    take, _ = cluster_take(np.bincount(pl, minlength=n_clusters), np.bincount(sl, minlength=n_clusters),
+                           m_per_cluster, min_seeds_per_cluster, cap, rng)
     if pool_dist is not None:
         tie = np.asarray(pool_dist, dtype=np.float64).ravel()
         if tie.shape != pl.shape:
@@ -76,6 +80,23 @@ def retrieve_by_cluster(pool_labels: np.ndarray, seed_labels: np.ndarray, m_per_
         tie = rng.random(len(pl))
     alloc = waterfill(pl, np.ones(len(pl), dtype=np.int64), take, tie)
     return np.flatnonzero(alloc).astype(np.int64)
+
+
+def cluster_take(pool_counts: np.ndarray, seed_counts: np.ndarray, m_per_cluster: int, min_seeds_per_cluster: int,
+                 cap: int | None, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Pool images each cluster gives (:func:`retrieve_by_cluster` before the leaf picks), from counts alone.
+
+    ``pool_counts``/``seed_counts`` have one entry per cluster id up to the largest used one. Returns the take
+    per cluster and the number of ``rng.random`` values drawn (the cap's water-filling ties; the leaf tie keys
+    come next).
+    """
+    n_clusters = len(pool_counts)
+    take = np.where(np.asarray(seed_counts) > min_seeds_per_cluster,
+                    np.minimum(np.asarray(pool_counts, dtype=np.int64), m_per_cluster), 0).astype(np.int64)
+    if cap is not None and take.sum() > cap:
+        tie = rng.random(n_clusters)
+        return waterfill(np.zeros(n_clusters, dtype=np.int64), take, np.array([cap]), tie), n_clusters
+    return take, 0
 
 
 def collision_counts(pool_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
