@@ -21,7 +21,14 @@ def _parts(run_dir: str, subdir: str) -> list[str]:
 
 
 def _normalise(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
+    """A local path made absolute, as ingest records it; for a tar member (``<tar>#<member>``) only the tar's
+    path is normalised: the member name is kept verbatim (a rejected member may be named ``a/../../b.jpg``)."""
+    if "://" in uri:
+        return uri
+    cut = uri.find(".tar#")
+    if cut >= 0:
+        return os.path.abspath(uri[:cut + 4]) + uri[cut + 4:]
+    return os.path.abspath(uri)
 
 
 def lineage(run_dir: str, uri: str) -> dict[str, Any]:

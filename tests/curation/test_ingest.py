@@ -114,6 +114,11 @@ def test_ingest_sources_duplicates_rejects_and_lineage(corpus, tmp_path):
     bad = lineage(run, str(root / "dir" / "trunc.jpg"))
     assert bad["status"] == "rejected" and bad["reason"] == "truncated" and bad["kept"] is False
     assert lineage(run, str(root / "nope.jpg"))["found"] is False
+    for r in _table(run, "rejects").to_pylist():  # every rejected input is findable by the URI ingest recorded
+        info = lineage(run, r["uri"])
+        assert info["found"] and info["status"] == "rejected" and info["reason"] == r["reason"], r["uri"]
+    unsafe = lineage(run, os.path.relpath(f"{root}/shards/s-001.tar", os.getcwd()) + "#../evil.jpg")
+    assert unsafe["found"] and unsafe["reason"] == "unsafe_member_name"  # relative tar path, verbatim member
 
 
 def test_ingest_rerun_skips_finished_parts(corpus, tmp_path):
