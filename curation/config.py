@@ -319,7 +319,12 @@ class ShardConfig:
     """Also close a shard before it would exceed this many bytes (0 = count limit only). Planned from the stored
     image sizes plus tar headers, so re-encoded images can make a shard differ slightly from the limit."""
     shuffle: bool = True
-    """Globally shuffle the samples under the run seed before cutting shards (else sorted by uid)."""
+    """Shuffle the samples under the run seed before cutting shards (else sorted by uid): uid-sorted, then
+    permuted within each shard group (see ``group_rows``)."""
+    group_rows: int = 1_000_000
+    """Most selected samples one planning task holds: the selection is split by uid range into groups of at most
+    this many samples, each shuffled and cut into shards on its own (shards numbered group by group). With one
+    group (at most this many samples) the order is a single seeded permutation of the whole selection."""
     reencode: Literal["never", "non_jpeg", "always"] = "non_jpeg"
     """``non_jpeg``: JPEG sources keep their original bytes as ``uid.jpg``, other formats are decoded (EXIF
     orientation, RGB conversion) and re-encoded to JPEG; ``never``: JPEG, PNG and WebP sources keep their bytes and
@@ -346,7 +351,7 @@ class ShardConfig:
     def __post_init__(self) -> None:
         if not self.prefix or "/" in self.prefix or not self.prefix.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"shard.prefix must be a plain name (letters, digits, -, _), got {self.prefix!r}")
-        _positive("shard", self, "samples_per_shard", "jpeg_quality")
+        _positive("shard", self, "samples_per_shard", "jpeg_quality", "group_rows")
         _non_negative("shard", self, "max_shard_bytes", "max_side")
         if self.jpeg_quality > 100:
             raise ValueError(f"shard.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
