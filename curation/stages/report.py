@@ -5,6 +5,13 @@ rejects by reason; level-1 cluster sizes before and after balanced sampling; mon
 and random clusters; the largest copy-detection groups side by side (kept image green, dropped copies red, with
 their similarity); the retrieval neighbourhoods of random seeds (seed blue, retrieved pool images by score); and
 a table of every stage's counts and timings. Images are read back from their sources by manifest location.
+
+**Memory contract.** The pool is only read by per-part tasks (:mod:`curation.stages.report_data`): cluster
+sizes and copy-detection component sizes are aggregated from per-part counts (components through a bucketed
+shuffle to the part holding their first member), montage and duplicate-group members are drawn by rank or by
+order and fetched from the parts holding them. No process holds more than one part of ``clusters/assign/`` or
+``dedup/`` plus the shown images, the level-1 cluster sizes and, for the retrieval section, the seed list. No
+knob: the bounds follow the part sizes of the stages read.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ from curation.io.artifacts import (
     REPORT_DIR,
     SELECTION_DIR,
     SHARDS_DIR,
-    load_assignments,
     manifest_parts,
 )
 from curation.io.fs import atomic_write_bytes, exists, get_fs, join, read_json, read_parquet
@@ -36,6 +42,13 @@ from curation.io.parts import PartStore, part_name
 from curation.io.sources import read_location
 from curation.report.draw import bar_chart, caption_tile, grid_rows, thumbnail
 from curation.stages.base import Executor, Stage, register_stage
+from curation.stages.report_data import (
+    cluster_members,
+    cluster_sizes,
+    component_members,
+    largest_components,
+    retrieval_hits,
+)
 
 __all__ = ["ImageReader", "ReportStage"]
 
@@ -112,8 +125,8 @@ class ReportStage(Stage):
     def run(self, executor: Executor) -> dict[str, Any]:
         self.rng = np.random.default_rng(self.config.seed)
         recs = {s: self._success(s) for s in _STAGES}
-        sections = [self._funnel(recs), self._cluster_sizes(recs), self._montages(recs), self._duplicates(recs),
-                    self._retrieval(recs), self._table(recs)]  # fmt: skip
+        sections = [self._funnel(recs), self._cluster_sizes(recs), self._montages(recs, executor),
+                    self._duplicates(recs, executor), self._retrieval(recs), self._table(recs)]  # fmt: skip
         body = "\n".join(s for s in sections if s)
         page = _PAGE.format(title=html.escape(f"Curation report: {self.config.name}"),
                             run=html.escape(self.run_dir), body=body)  # fmt: skip
@@ -177,14 +190,12 @@ class ReportStage(Stage):
             text += f"; after: {recs['cluster'].get('size_ratio_after')}"
         return "<h2>Cluster sizes</h2>" + "".join(f"<img src='{i}'>" for i in imgs) + f"<p>{html.escape(text)}</p>"
 
-    def _montages(self, recs: dict[str, Any]) -> str:
+    def _montages(self, recs: dict[str, Any], executor: Executor) -> str:
         if not recs["cluster"]:
             return ""
         cfg = self.config.report
-        a = load_assignments(self.run_dir)
-        l1 = np.asarray(a["l1"].to_numpy(zero_copy_only=False), np.int64)
-        uids = a["uid"].to_pylist()
-        sizes = np.bincount(l1, minlength=int(recs["cluster"]["clusters"][0]))
+        n_parts = int(recs["cluster"]["assign_parts"])
+        sizes = cluster_sizes(executor, self.run_dir, n_parts, int(recs["cluster"]["clusters"][0]))
         nonempty = np.flatnonzero(sizes)
         by_size = nonempty[np.argsort(-sizes[nonempty], kind="stable")]
         k = cfg.clusters_shown
@@ -192,11 +203,11 @@ class ReportStage(Stage):
         rest = sorted(set(nonempty.tolist()) - set(largest) - set(smallest))
         rand = sorted(self.rng.choice(rest, size=min(k, len(rest)), replace=False).tolist()) if rest else []
         groups = {"largest": largest, "smallest": smallest, "random": rand}
-        members: dict[int, list[str]] = {}
-        for c in {c for cs in groups.values() for c in cs}:
-            idx = np.flatnonzero(l1 == c)
-            pick = np.sort(self.rng.choice(idx, size=min(cfg.images_per_cluster, len(idx)), replace=False))
-            members[c] = [uids[i] for i in pick]
+        picks: dict[int, np.ndarray] = {}
+        for c in {c for cs in groups.values() for c in cs}:  # ranks inside the cluster, in part order
+            picks[c] = np.sort(self.rng.choice(int(sizes[c]), size=min(cfg.images_per_cluster, int(sizes[c])),
+                                               replace=False))  # fmt: skip
+        members = cluster_members(executor, self.run_dir, n_parts, picks)
         reader = ImageReader(self.run_dir, "", {u for m in members.values() for u in m}, self.config.ingest.decode)
         out = "<h2>Clusters</h2>"
         for name, cs in groups.items():
@@ -206,24 +217,20 @@ class ReportStage(Stage):
             out += f"<h3>{name.capitalize()} clusters</h3><img src='{png}'>"
         return out
 
-    def _duplicates(self, recs: dict[str, Any]) -> str:
+    def _duplicates(self, recs: dict[str, Any], executor: Executor) -> str:
         cfg = self.config.report
         if not cfg.duplicate_groups:
             return ""
         n_parts = int(recs["dedupe"]["dedup_parts"])
-        t = [read_parquet(join(self.run_dir, DEDUP_DIR, part_name(i))) for i in range(n_parts)]
-        rows_all = [r for table in t for r in table.to_pylist()]
-        comp = np.array([r["component"] for r in rows_all], np.int64)
-        if not len(comp):
+        work = join(self.store.work, "components")
+        images, top = largest_components(executor, self.run_dir, work, n_parts, cfg.duplicate_groups)
+        if not images:
             return "<h2>Duplicate groups</h2><p>No images.</p>"
-        ids, counts = np.unique(comp, return_counts=True)
-        multi = ids[counts > 1][np.argsort(-counts[counts > 1], kind="stable")][: cfg.duplicate_groups]
-        if not len(multi):
+        if not top:
             return "<h2>Duplicate groups</h2><p>No copies found.</p>"
-        groups = {int(c): [r for r in rows_all if r["component"] == c] for c in multi}
-        for g in groups.values():
-            g.sort(key=lambda r: (not r["keep"], r["uid"]))
-        shown = {c: g[: cfg.images_per_cluster] for c, g in groups.items()}
+        size = dict(top)
+        members = component_members(executor, self.run_dir, n_parts, list(size), cfg.images_per_cluster)
+        shown = {c: members[c] for c in size}
         reader = ImageReader(self.run_dir, "", {r["uid"] for g in shown.values() for r in g},
                              self.config.ingest.decode)  # fmt: skip
         rows = []
@@ -231,7 +238,7 @@ class ReportStage(Stage):
             tiles = [caption_tile(thumbnail(reader.image(r["uid"], cfg.thumb), cfg.thumb,
                                             KEPT if r["keep"] else DROPPED),
                                   ("kept " if r["keep"] else "") + f"{r['score']:.3f}") for r in g]  # fmt: skip
-            rows.append((f"component {c}\n{len(groups[c])} images", tiles))
+            rows.append((f"component {c}\n{size[c]} images", tiles))
         png = self._write("duplicates.png", grid_rows(rows))
         return (f"<h2>Duplicate groups</h2><p>The {len(shown)} largest copy-detection components (green: kept, "
                 f"red: dropped; caption: best similarity to another image).</p><img src='{png}'>")  # fmt: skip
@@ -241,14 +248,10 @@ class ReportStage(Stage):
         if not recs["retrieve"] or not exists(url):
             return "<h2>Retrieval</h2><p>The retrieve stage did not run.</p>"
         cfg = self.config.report
-        pairs = read_parquet(url).to_pylist()
-        if not pairs:
+        n_parts = int(recs["retrieve"].get("retrieval_parts", 1))
+        chosen, hits = retrieval_hits(self.run_dir, n_parts, self.rng, cfg.retrieval_seeds, cfg.images_per_cluster)
+        if not chosen:
             return "<h2>Retrieval</h2><p>No pool image was retrieved.</p>"
-        seeds = sorted({(p["seed_set"], p["seed_uid"]) for p in pairs})
-        pick = sorted(self.rng.choice(len(seeds), size=min(cfg.retrieval_seeds, len(seeds)), replace=False).tolist())
-        chosen = [seeds[i] for i in pick]
-        hits = {s: sorted((p for p in pairs if (p["seed_set"], p["seed_uid"]) == s), key=lambda p: -p["score"])
-                [: cfg.images_per_cluster] for s in chosen}  # fmt: skip
         pool = ImageReader(self.run_dir, "", {p["uid"] for h in hits.values() for p in h}, self.config.ingest.decode)
         seed_readers = {name: ImageReader(self.run_dir, f"seeds/{name}", {u for n, u in chosen if n == name},
                                           self.config.ingest.decode) for name in {n for n, _ in chosen}}  # fmt: skip
