@@ -1,5 +1,7 @@
 """Ray executor: parts as Ray tasks (bounded in flight, retried), model workers as a Ray Data actor pool.
 
+Every part result comes back with ``peak_rss_mb`` (peak RSS of the worker process) and ``node_id``.
+
 ``map`` submits one task per part with ``max_retries`` so a killed worker's part is simply run again (the part
 writes atomically and its marker last, so a retry is harmless). ``map_actors`` runs
 ``ray.data.from_items(parts).map_batches(<worker class>, batch_size=1, concurrency=N, num_gpus=...)``: each actor
@@ -19,15 +21,20 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from curation.stages.base import Executor
+from curation.stages.base import Executor, with_peak_rss
 
 __all__ = ["RayExecutor"]
 
 log = logging.getLogger(__name__)
 
 
+def _measured(result: Any) -> Any:
+    """A part result with the worker's peak RSS and the id of the node it ran on."""
+    return with_peak_rss(result, node_id=ray.get_runtime_context().get_node_id())
+
+
 def _call(fn: Callable[[Any], Any], item: Any) -> Any:
-    return fn(item)
+    return _measured(fn(item))
 
 
 class _ActorWorker:
@@ -37,7 +44,7 @@ class _ActorWorker:
         self.worker = factory()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [json.dumps(self.worker(int(i))) for i in batch["item"]]
+        results = [json.dumps(_measured(self.worker(int(i)))) for i in batch["item"]]
         return {"result": np.array(results, dtype=object)}
 
 

@@ -9,6 +9,7 @@ returns the part's stats. The driver sums the stats and writes ``_SUCCESS.json``
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -20,13 +21,35 @@ from tqdm.auto import tqdm
 from curation.config import RunConfig
 from curation.io.parts import PartStore, code_version
 
-__all__ = ["STAGES", "Executor", "LocalExecutor", "Stage", "merge_stats", "register_stage"]
+__all__ = [
+    "STAGES",
+    "Executor",
+    "LocalExecutor",
+    "Stage",
+    "merge_stats",
+    "peak_rss_mb",
+    "register_stage",
+    "with_peak_rss",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
 STAGES: dict[str, type[Stage]] = {}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def with_peak_rss(result: T, **extra: Any) -> T:
+    """A part's stats with ``peak_rss_mb`` of the process that computed it (and ``extra``) added; an executor
+    calls this on every part result, so part functions never measure themselves. Non-dict results pass as is."""
+    if isinstance(result, dict):
+        return {**result, "peak_rss_mb": peak_rss_mb(), **extra}  # type: ignore[return-value]
+    return result
 
 
 def register_stage(cls: type[Stage]) -> type[Stage]:
@@ -86,12 +109,12 @@ class LocalExecutor(Executor):
 
     def map(self, fn, items, *, desc, num_cpus=1):
         for item in tqdm(items, desc=desc, unit="part", leave=False):
-            yield fn(item)
+            yield with_peak_rss(fn(item))
 
     def map_actors(self, factory, items, *, desc, concurrency, num_cpus=1, num_gpus=0):
         worker = factory() if items else None
         for item in tqdm(items, desc=desc, unit="part", leave=False):
-            yield worker(item)
+            yield with_peak_rss(worker(item))
 
 
 def merge_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -126,6 +149,8 @@ class Stage(ABC):
         self._parts_total = 0
         self._parts_computed = 0
         self._items_computed = 0
+        self._worker_peak: float | None = None  # max peak RSS of the processes that computed parts here
+        self._nodes: set[str] = set()
 
     @abstractmethod
     def config_sections(self) -> tuple[Any, ...]:
@@ -168,6 +193,9 @@ class Stage(ABC):
             "parts": self._parts_total,
             "parts_computed": self._parts_computed,
             "parts_skipped": self._parts_total - self._parts_computed,
+            "worker_peak_rss_mb": self._worker_peak,
+            "driver_peak_rss_mb": peak_rss_mb(),
+            **({"nodes": len(self._nodes)} if self._nodes else {}),
             **stats,
         }
         self.store.write_success(record)
@@ -210,6 +238,10 @@ class Stage(ABC):
                 results = executor.map(fn, pending, desc=desc, num_cpus=num_cpus)
             for r in results:
                 done[int(r["part"])] = r
+                if "peak_rss_mb" in r:
+                    self._worker_peak = max(self._worker_peak or 0.0, float(r["peak_rss_mb"]))
+                if r.get("node_id"):
+                    self._nodes.add(str(r["node_id"]))
                 if step == self.items_step:
                     self._items_computed += int(r.get("in", 0))
         missing = [i for i in range(n_parts) if i not in done]
