@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import io
 import os
 import random
-import signal
 import time
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageOps
+
+from curation.ray.local_cluster import process_tree, stop_processes
+
+__all__ = ["process_tree", "stop_processes"]  # re-exported: Ray-stopping helpers live with the cluster harness
 
 REPO = Path(__file__).resolve().parents[2]
 MATE = sorted(glob.glob("/usr/share/backgrounds/mate/nature/*.jpg"))
@@ -88,45 +90,6 @@ def write_copy_corpus(root: Path, originals: int, copies: int, seed: int = 0, ma
             path.write_bytes(data)
             truth[str(path)] = g
     return truth
-
-
-def process_tree(markers: list[str]) -> set[int]:
-    """Pids whose command line contains one of ``markers`` (a private temp dir or port), plus descendants."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmd)
-    found = {pid for pid, (_, cmd) in table.items() if any(m in cmd for m in markers) and pid != os.getpid()}
-    grew = True
-    while grew:
-        grew = False
-        for pid, (ppid, _) in table.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                grew = True
-    return found
-
-
-def stop_processes(markers: list[str], grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds, every process found by :func:`process_tree`.
-
-    This is how tests stop a Ray they started: ``ray stop`` would kill every Ray of the user on the machine.
-    """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in process_tree(markers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + grace
-        while time.time() < deadline and process_tree(markers):
-            time.sleep(0.2)
-        if not process_tree(markers):
-            return
 
 
 # Embedder plugins (``embed.model = "plugin"``, ``embed.factory = "tests.curation.conftest:<name>"``): the built-in

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,27 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, process_tree, stop_processes, write_copy_corpus
+from curation.ray.local_cluster import free_ports, process_tree, stop_processes
+
+from .conftest import REPO, write_copy_corpus
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture()
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rjob-", dir="/tmp")
-    gcs, dash, client, agent, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client, agent, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = free_ports(9)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
     cmd = [
