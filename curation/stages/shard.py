@@ -171,6 +171,14 @@ class ShardStage(Stage):
         source, selected = plan["source"], int(plan["selected"])
         offsets = np.r_[0, np.cumsum(plan["shards"], dtype=np.int64)].tolist()
         n_shards = int(offsets[-1])
+        if selected and not n_shards:  # every sample was dropped for want of a label
+            raise ValueError(
+                f"shard: none of the {selected} selected images has a label from shard.label_from="
+                f"{cfg.label_from!r} (the name of the directory holding each image must be listed in shard.classes, "
+                "or be an integer when shard.classes is empty), and shard.unlabelled='drop' leaves nothing to write. "
+                "Put the images in class folders, set shard.classes, or set shard.unlabelled='keep' (or "
+                "shard.label_from='none') to write unlabelled samples"
+            )
         plans = [plan_url(self.store, g) for g in range(len(plan["groups"]))]
         log.info("shard: %d shards of <= %d samples from %s (%d groups)", n_shards, cfg.samples_per_shard, source,
                  len(plan["groups"]))  # fmt: skip
@@ -185,10 +193,14 @@ class ShardStage(Stage):
         planned = sum(p["in"] for p in parts)
         if selected > planned:
             rejected["unlabelled"] = selected - planned
-        pattern = f"{cfg.prefix}-{{{0:06d}..{max(0, n_shards - 1):06d}}}.tar"
+        pattern = f"{cfg.prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards else None
+        labelled = sum(p["labelled"] for p in parts)
+        if cfg.label_from != "none" and total and not labelled:
+            log.warning("shard: shard.label_from=%r found no label for any of the %d samples (written without "
+                        ".cls); set shard.classes to the class folder names", cfg.label_from, total)  # fmt: skip
         index = {"prefix": cfg.prefix, "pattern": pattern, "shards": shards, "count": total,
                  "bytes": sum(s["bytes"] for s in shards), "selection": source, "seed": self.config.seed,
-                 "shuffle": cfg.shuffle, "labelled": sum(p["labelled"] for p in parts),
+                 "shuffle": cfg.shuffle, "labelled": labelled,
                  "config_hash": self.config_hash}  # fmt: skip
         write_json(join(self.store.output, "index.json"), index)
         return {"in": selected, "out": total, "rejected": dict(sorted(rejected.items())),

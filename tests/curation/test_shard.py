@@ -252,6 +252,24 @@ def test_unlabelled_samples_can_be_dropped(base_run, tmp_path):
         _config(src, 'shard.unlabelled="drop"', 'shard.label_from="none"')
 
 
+def test_labels_from_a_pool_without_class_folders(base_run, tmp_path, caplog):
+    """No directory name is a class: "drop" fails naming what to set (no empty index.json); "keep" writes
+    unlabelled samples and says so."""
+    src, run, _, kept = _fresh(base_run, tmp_path, "noclass")
+    with pytest.raises(ValueError, match=r"shard.classes.*shard.unlabelled='keep'"):
+        run_stages(_config(src, 'shard.unlabelled="drop"', 'shard.classes=["no-such-class"]'), run,
+                   LocalExecutor(), ["shard"])  # fmt: skip
+    assert not os.path.exists(f"{run}/shards/index.json")
+    _, run2, _, _ = _fresh(base_run, tmp_path, "noclass-keep")
+    with caplog.at_level("WARNING"):
+        rec = run_stages(_config(src, 'shard.classes=["no-such-class"]'), run2, LocalExecutor(), ["shard"])["shard"]
+    assert rec["out"] == kept and rec["labelled"] == 0 and "found no label" in caplog.text
+    with open(f"{run2}/shards/index.json") as f:
+        index = json.load(f)
+    assert all(os.path.exists(f"{run2}/shards/{s['name']}") for s in index["shards"])
+    assert len(list(wds.WebDataset(f"{run2}/shards/{rec['pattern']}", shardshuffle=False))) == kept
+
+
 def test_bad_selection_setting_names_the_field(base_run, tmp_path):
     src, run, _, _ = _fresh(base_run, tmp_path, "bad")
     with pytest.raises(ValueError, match="shard.selection='selection'"):
