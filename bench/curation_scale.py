@@ -12,24 +12,48 @@ Every (task, size, repeat) runs in a fresh subprocess so the peak RSS is that of
 ``--repeats`` runs (sizes above ``--repeat-max`` run once). The machine may be shared: load averages are
 printed with the table.
 
+``--distributed``: the dedupe *stage* on a local multi-node Ray cluster (:class:`curation.ray.local_cluster.
+LocalRayCluster`: head + ``--workers`` nodes on 127.0.0.1) against in-process ``copy_detect`` on the same
+vectors. For each of ``--sizes`` a synthetic run directory is written chunk by chunk (``clustered()`` per chunk of
+``--parts-per-chunk`` parts, planted copies within a chunk, spread over its parts): ``manifest/`` and
+``embeddings/`` parts (float16, ``--rows-per-part`` rows) with the ingest and embed success records the stage
+checks. Then ``python -m curation stage dedupe default`` is submitted as a Ray job (a fresh cluster per size).
+Reported: job wall time, the driver's and the largest worker's peak RSS (the stage record's
+``worker_peak_rss_mb`` and VmHWM sampled from /proc), the stage's ``edge_recall`` and the pair precision /
+recall of the planted copies from ``dedup/part-*``; last, one JSON line per size.
+
     python bench/curation_scale.py                              # the issue's sizes (long: 1e6 runs)
     python bench/curation_scale.py --dedup-sizes 1e4,1e5 --kmeans-sizes 1e5
+    python bench/curation_scale.py --distributed --sizes 2e4    # multi-node dedupe stage vs in-process
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+if TYPE_CHECKING:
+    from curation.config import RunConfig
+
+log = logging.getLogger("curation_scale")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -97,7 +121,10 @@ def child_dedup(args: argparse.Namespace) -> dict:
     from curation.index import IndexConfig, copy_detect
     from curation.index.search import FaissIndex
 
-    x, group = clustered(args.n, args.dim, seed=args.seed)
+    if args.synthetic_run:  # the vectors of a synthetic run (float16 as stored), for --distributed
+        x, group = read_synthetic_vectors(args.synthetic_run)
+    else:
+        x, group = clustered(args.n, args.dim, seed=args.seed)
     rss_data = _rss_now_mb()
     cfg = IndexConfig(nprobe=args.nprobe, exact_max=args.exact_max, self_join=args.self_join)
     c0, t0 = _cpu_s(), time.perf_counter()
@@ -121,6 +148,182 @@ def child_dedup(args: argparse.Namespace) -> dict:
         out["edge_recall"] = len(exact & approx) / max(1, len(exact))
         out["sample_edges"] = len(exact)
     return out
+
+
+def synthetic_chunks(n: int, d: int, seed: int, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``clustered()`` chunk by chunk: ``(x float32 (m, d), group int64 (m,))`` per chunk of ``chunk_rows`` rows
+    (the last may be shorter); chunk ``c`` has its own seed and centres, its groups are offset by its first row,
+    so copies are planted within a chunk. Only one chunk is in memory at a time."""
+    for c, start in enumerate(range(0, n, chunk_rows)):
+        m = min(chunk_rows, n - start)
+        x, group = clustered(m, d, seed=seed * 1_000_003 + c)
+        yield x, group + start
+
+
+def synthetic_uid(gid: int, part: int, row: int, n_parts: int) -> str:
+    """40-hex uid of row ``gid``: the first 8 hex digits fall in manifest bucket ``part`` (as ingest buckets
+    uids), rising with ``row``; the rest is the sha1 of the row id."""
+    from curation.stages.ingest import uid_range
+
+    lo = int(uid_range(part, n_parts)[0], 16)
+    return format(lo + row, "08x") + hashlib.sha1(str(gid).encode()).hexdigest()[8:]
+
+
+def write_synthetic_run(run_dir: str, config: RunConfig, n: int, dim: int = 384, seed: int = 0,
+                        rows_per_part: int = 4096, parts_per_chunk: int = 16) -> np.ndarray:
+    """Write a run directory as ingest + embed would leave it for ``n`` synthetic vectors with planted copies:
+    ``manifest/part-N`` (width x height = a random area, the keep priority) and ``embeddings/part-N`` (float16,
+    same rows), their ``_SUCCESS.json`` records under ``config``'s config hashes, and ``synthetic_truth.npy``
+    (the planted group of every row, in part order). Returns the groups. Holds one chunk of
+    ``rows_per_part x parts_per_chunk`` rows at a time."""
+    import pyarrow as pa
+
+    from curation import schemas
+    from curation.io.artifacts import EMBEDDINGS_DIR, MANIFEST_DIR
+    from curation.io.fs import write_parquet
+    from curation.io.parts import code_version
+    from curation.stages.embed import EmbedStage
+    from curation.stages.ingest import IngestStage
+
+    n_parts = max(1, math.ceil(n / rows_per_part))
+    if rows_per_part > (1 << 32) // n_parts:
+        raise ValueError(f"{rows_per_part} rows per part do not fit the uid buckets of {n_parts} parts")
+    ingest, embed = IngestStage(config, run_dir), EmbedStage(config, run_dir)
+    rng = np.random.default_rng(seed + 7)
+    groups = []
+    part = 0
+    for x, group in synthetic_chunks(n, dim, seed, rows_per_part * parts_per_chunk):
+        groups.append(group)
+        for s in range(0, len(x), rows_per_part):
+            e = min(len(x), s + rows_per_part)
+            gid0 = part * rows_per_part
+            uids = [synthetic_uid(gid0 + r, part, r, n_parts) for r in range(e - s)]
+            uris = [f"synthetic://{gid0 + r}" for r in range(e - s)]
+            m = e - s
+            manifest = pa.table({
+                "uid": uids, "uris": [[u] for u in uris], "uri": uris, "container": pa.nulls(m, pa.string()),
+                "offset": np.full(m, -1, np.int64), "size": np.zeros(m, np.int64),
+                "width": rng.integers(64, 1025, m, dtype=np.int32), "height": rng.integers(64, 1025, m, dtype=np.int32),
+                "format": ["JPEG"] * m, "mode": ["RGB"] * m, "n_frames": np.ones(m, np.int32),
+            }, schema=schemas.MANIFEST)  # fmt: skip
+            write_parquet(ingest.store.data_url(MANIFEST_DIR, part), manifest)
+            values = pa.array(x[s:e].astype(np.float16).reshape(-1), pa.float16())
+            emb = pa.Table.from_arrays([pa.array(uids, pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)],
+                                       schema=schemas.embeddings(dim, "float16"))  # fmt: skip
+            write_parquet(embed.store.data_url(EMBEDDINGS_DIR, part), emb)
+            part += 1
+    common = {"prefix": "", "code_version": code_version(), "seconds": 0.0, "parts_computed": 0,
+              "in": n, "out": n, "rejected": {}, "synthetic": True}  # fmt: skip
+    ingest.store.write_success({"stage": "ingest", "config_hash": ingest.config_hash, **common, "parts": n_parts,
+                                "duplicates": 0, "rows": {"manifest": n, "rejects": 0, "occurrences": n},
+                                "manifest_parts": n_parts, "scan_parts": 0})  # fmt: skip
+    embed.store.write_success({"stage": "embed", "config_hash": embed.config_hash, **common, "parts": n_parts,
+                               "rows": {"embeddings": n}, "dim": dim, "embedding_parts": n_parts,
+                               "actors": 0})  # fmt: skip
+    truth = np.concatenate(groups)
+    with open(os.path.join(run_dir, "synthetic_truth.npy"), "wb") as f:
+        np.save(f, truth)
+    return truth
+
+
+def _parts(run_dir: str, subdir: str, columns: list[str]) -> Iterator:
+    """The ``columns`` of every ``subdir/part-N`` of a synthetic run, in part order."""
+    import pyarrow.parquet as pq
+
+    with open(os.path.join(run_dir, "embeddings", "_SUCCESS.json")) as f:
+        n_parts = int(json.load(f)["embedding_parts"])
+    for i in range(n_parts):
+        yield pq.read_table(os.path.join(run_dir, subdir, f"part-{i:05d}.parquet"), columns=columns)
+
+
+def read_synthetic_vectors(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """All embeddings of a synthetic run as float32 (rounded through float16 as stored) and the planted groups."""
+    truth = np.load(os.path.join(run_dir, "synthetic_truth.npy"))
+    mats = []
+    for t in _parts(run_dir, "embeddings", ["emb"]):
+        flat = t["emb"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        mats.append(np.asarray(flat, np.float32).reshape(t.num_rows, -1))
+    x = np.concatenate(mats)
+    assert len(x) == len(truth), f"{len(x)} vectors but {len(truth)} planted groups in {run_dir}"
+    return x, truth
+
+
+def dedup_precision_recall(run_dir: str) -> tuple[float, float]:
+    """Pair precision / recall of the ``component`` column of ``dedup/part-*`` against the planted copies (rows
+    with the same component are one predicted group)."""
+    truth = np.load(os.path.join(run_dir, "synthetic_truth.npy"))
+    comps = []
+    for emb, dedup in zip(_parts(run_dir, "embeddings", ["uid"]), _parts(run_dir, "dedup", ["uid", "component"])):
+        if not emb["uid"].equals(dedup["uid"]):
+            raise ValueError(f"dedup parts of {run_dir} are not aligned with its embeddings parts")
+        comps.append(dedup["component"].to_numpy())
+    component = np.concatenate(comps)
+    assert len(component) == len(truth)
+    return pair_precision_recall(component, truth)
+
+
+def _distributed_overrides(args: argparse.Namespace) -> list[str]:
+    """Recipe overrides of the distributed dedupe run (the generator must hash the same config as the job)."""
+    from dataclasses import fields
+
+    from curation.config import DedupeConfig
+
+    out = [f"dedupe.k={args.k}", f"dedupe.threshold={args.threshold}", f"dedupe.index.exact_max={args.exact_max}"]
+    if "verify" in {f.name for f in fields(DedupeConfig)}:
+        out.append("dedupe.verify=false")  # synthetic vectors have no images to verify
+    return out + list(args.dedupe_set)
+
+
+def run_distributed(n: int, args: argparse.Namespace) -> dict:
+    """One size of ``--distributed``: synthetic run, in-process ``copy_detect`` on its vectors, then the dedupe
+    stage as a Ray job on a fresh local multi-node cluster. Returns the figures of the size."""
+    from curation.cli import load_run_config
+    from curation.io.fs import read_json
+    from curation.ray.local_cluster import LocalRayCluster
+
+    overrides = _distributed_overrides(args)
+    config = load_run_config("default", overrides)
+    run = tempfile.mkdtemp(prefix=f"dedupe-{n}-", dir=args.work_dir)
+    try:
+        t0 = time.perf_counter()
+        write_synthetic_run(run, config, n, args.dim, args.seed, args.rows_per_part, args.parts_per_chunk)
+        n_parts = max(1, math.ceil(n / args.rows_per_part))
+        print(f"distributed n={n:,d}: synthetic run with {n_parts} parts written in {time.perf_counter() - t0:.1f} s "
+              f"({run})", flush=True)
+        inproc = None
+        if not args.no_inproc:
+            inproc = _run_child("dedup", n, args, synthetic_run=run)
+            print(f"  in-process copy_detect: {inproc['seconds']:.1f} s (cpu {inproc['cpu_s']:.1f} s), peak "
+                  f"{inproc['peak_rss_mb']:.0f} MB, precision {inproc['pair_precision']:.4f} recall "
+                  f"{inproc['pair_recall']:.4f} [{inproc['index']}]", flush=True)
+        job = ["stage", "dedupe", "default", "--out", run] + [a for o in overrides for a in ("--set", o)]
+        with LocalRayCluster(workers=args.workers, cpus_per_node=args.cpus_per_node,
+                             memory_bytes=int(args.node_memory_gb * 1024**3),
+                             object_store_bytes=args.object_store_mb * 1024**2, temp_root=args.work_dir) as cluster:
+            t1 = time.perf_counter()
+            proc = cluster.submit(job, timeout=args.job_timeout)
+            wall = time.perf_counter() - t1
+            procs = cluster.process_peak_rss_mb()
+        if proc.returncode != 0:
+            raise SystemExit(f"dedupe job n={n} failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
+                             f"{proc.stderr[-4000:]}")  # fmt: skip
+        rec = read_json(os.path.join(run, "dedup", "_SUCCESS.json"))
+        precision, recall = dedup_precision_recall(run)
+        worker = max(v for v in (rec.get("worker_peak_rss_mb"), procs.get("worker")) if v is not None)
+        out = {"n": n, "driver_peak_rss_mb": rec["driver_peak_rss_mb"], "worker_peak_rss_mb": round(worker, 1),
+               "wall_s": round(wall, 2), "edge_recall": rec.get("edge_recall"), "precision": round(precision, 6),
+               "recall": round(recall, 6)}  # fmt: skip
+        if inproc is not None:
+            out["inproc_wall_s"] = round(inproc["seconds"], 2)
+        print(f"  Ray job ({args.workers} worker nodes x {args.cpus_per_node} CPU): wall {wall:.1f} s (stage "
+              f"{rec['seconds']:.1f} s, plan {rec.get('plan')}, {rec.get('parts_computed')} parts on "
+              f"{rec.get('nodes')} nodes), driver peak {rec['driver_peak_rss_mb']:.0f} MB, worker peak "
+              f"{worker:.0f} MB (record {rec.get('worker_peak_rss_mb')}, /proc {procs}), edge_recall "
+              f"{rec.get('edge_recall')}, precision {precision:.4f} recall {recall:.4f}", flush=True)
+        return out
+    finally:
+        if not args.keep_runs:
+            shutil.rmtree(run, ignore_errors=True)
 
 
 def _levels(spec: str, args: argparse.Namespace):
@@ -178,8 +381,10 @@ def _sizes(text: str) -> list[int]:
     return [int(float(v)) for v in text.split(",") if v.strip()]
 
 
-def _run_child(task: str, n: int, args: argparse.Namespace) -> dict:
+def _run_child(task: str, n: int, args: argparse.Namespace, synthetic_run: str = "") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", task, "--n", str(n)]
+    if synthetic_run:
+        cmd += ["--synthetic-run", synthetic_run]
     for name in ("dim", "k", "threshold", "nprobe", "exact_max", "self_join", "recall_sample", "kmeans_k",
                  "kmeans_niter", "kmeans_mppc", "levels", "seed"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -213,12 +418,32 @@ def main() -> None:
     p.add_argument("--repeat-max", type=float, default=1e5, help="sizes above this run once")
     p.add_argument("--kmeans-repeats", type=int, default=1, help="repeats for kmeans/hkmeans (expensive)")
     p.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("--distributed: the dedupe stage as a Ray job on a local multi-node cluster")
+    d.add_argument("--distributed", action="store_true", help="run this mode instead of the in-process tasks")
+    d.add_argument("--sizes", default="1e5,1e6", help="comma list of pool sizes")
+    d.add_argument("--rows-per-part", type=int, default=4096, help="rows per manifest / embeddings part")
+    d.add_argument("--parts-per-chunk", type=int, default=16, help="parts generated together (copies within)")
+    d.add_argument("--workers", type=int, default=2, help="worker nodes (the head gets no CPUs)")
+    d.add_argument("--cpus-per-node", type=int, default=1)
+    d.add_argument("--node-memory-gb", type=float, default=4.0, help="Ray --memory of every node")
+    d.add_argument("--object-store-mb", type=int, default=200, help="Ray --object-store-memory of every node")
+    d.add_argument("--dedupe-set", action="append", default=[], metavar="A.B=VALUE",
+                   help="extra recipe override for the job, e.g. dedupe.block_rows=16384 (repeatable)")
+    d.add_argument("--work-dir", default=None, help="where runs and Ray temp dirs go (default /tmp; not the repo, "
+                   "which is uploaded as the job's working dir)")
+    d.add_argument("--keep-runs", action="store_true", help="keep the synthetic run directories")
+    d.add_argument("--no-inproc", action="store_true", help="skip the in-process copy_detect comparison")
+    d.add_argument("--job-timeout", type=float, default=6 * 3600)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--synthetic-run", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         fn = {"dedup": child_dedup, "kmeans": child_kmeans, "hkmeans": child_hkmeans}[args.child]
         print(json.dumps(fn(args)))
+        return
+    if args.distributed:
+        main_distributed(args)
         return
     tasks = [t for t in args.tasks.split(",") if t]
     jobs = [("dedup", n) for n in _sizes(args.dedup_sizes) if "dedup" in tasks]
@@ -246,6 +471,21 @@ def main() -> None:
         print(f"| {r['task']} | {r['n']:,d} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
               f"{r['seconds'] / r['n'] * 1e4:.2f} | {r['peak_rss_mb']:.0f} | {r['runs']} | {r['index']} |")
     print(f"# load average at end {os.getloadavg()}")
+
+
+def main_distributed(args: argparse.Namespace) -> None:
+    """``--distributed``: every size, then one JSON line per size."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.work_dir = os.path.abspath(args.work_dir or tempfile.gettempdir())
+    if os.path.commonpath([args.work_dir, REPO]) == REPO:
+        raise SystemExit(f"--work-dir {args.work_dir} is inside the repository, which each job uploads")
+    print(f"# curation_scale --distributed: {os.cpu_count()} CPUs, d={args.dim}, k={args.k}, threshold "
+          f"{args.threshold}, load average at start {os.getloadavg()} (shared machine: other jobs inflate times)",
+          flush=True)
+    rows = [run_distributed(n, args) for n in _sizes(args.sizes)]
+    print(f"# load average at end {os.getloadavg()}")
+    for row in rows:
+        print(json.dumps(row))
 
 
 if __name__ == "__main__":
