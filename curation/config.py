@@ -226,6 +226,8 @@ class ClusterConfig:
     """Balanced hierarchical sampling to exactly this many images (0 = no balanced sampling)."""
     strategy: Literal["random", "closest"] = "random"
     """Leaf picks of balanced sampling: random, or closest to their level-1 centroid."""
+    rows_per_part: int = 100_000
+    """Rows per ``clusters/balanced`` part (uid-range buckets): the most balanced rows one task holds."""
     use_gpu: bool | None = None
     """faiss GPU for training: true, false, or unset (GPU when faiss sees one)."""
     threads: int = 0
@@ -244,7 +246,7 @@ class ClusterConfig:
                 raise ValueError(f"cluster.levels[{i}].n_clusters={lvl.n_clusters} must not exceed the level above "
                                  f"({self.levels[i - 1].n_clusters}): each level clusters the previous centroids")
         _non_negative("cluster", self, "train_points", "target_size", "threads")
-        _positive("cluster", self, "train_cpus")
+        _positive("cluster", self, "train_cpus", "rows_per_part")
         if self.strategy not in ("random", "closest"):
             raise ValueError(f"cluster.strategy must be 'random' or 'closest', got {self.strategy!r}")
 
@@ -300,11 +302,15 @@ class RetrieveConfig:
     retrieved images and the balanced sample, as DINOv3 combines both."""
     index: IndexConfig = field(default_factory=IndexConfig)
     """faiss index for the seed -> pool kNN search."""
+    rows_per_part: int = 100_000
+    """Planned rows per ``selection`` / ``retrieval`` part (uid-range buckets, sized from the most pairs and
+    balanced rows there can be): the most rows one selection task holds."""
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.seeds]
         if len(set(names)) != len(names):
             raise ValueError(f"retrieve.seeds names must be unique, got {names}")
+        _positive("retrieve", self, "rows_per_part")
 
 
 @dataclass(kw_only=True)

@@ -24,7 +24,9 @@ __all__ = [
     "REPORT_DIR",
     "SELECTION_DIR",
     "SHARDS_DIR",
+    "balanced_parts",
     "keep_mask",
+    "kept_counts",
     "kept_embeddings",
     "load_assignments",
     "load_centroids",
@@ -32,6 +34,8 @@ __all__ = [
     "load_kept",
     "manifest_parts",
     "n_embedding_parts",
+    "retrieval_parts",
+    "selection_parts",
 ]
 
 #: Output directories of the stages in a run directory (``Stage.output``).
@@ -100,6 +104,13 @@ def kept_embeddings(run_dir: str, index: int, dim: int) -> tuple[list[str], np.n
     return [u for u, k in zip(uids, keep) if k], mat
 
 
+def kept_counts(run_dir: str) -> list[int]:
+    """Images dedupe kept in every embedding part (one part read at a time)."""
+    n_parts, _ = n_embedding_parts(run_dir)
+    return [int(np.asarray(read_parquet(join(run_dir, DEDUP_DIR, part_name(i)), columns=["keep"])["keep"]
+                           .to_numpy(zero_copy_only=False), bool).sum()) for i in range(n_parts)]  # fmt: skip
+
+
 def load_kept(run_dir: str) -> tuple[list[str], np.ndarray]:
     """Uids and embeddings of every image dedupe kept, in part order (aligned with ``clusters/assign``)."""
     n_parts, dim = n_embedding_parts(run_dir)
@@ -135,3 +146,30 @@ def load_assignments(run_dir: str) -> pa.Table:
     tables = [read_parquet(join(run_dir, CLUSTERS_DIR, "assign", part_name(i)))
               for i in range(int(rec["assign_parts"]))]  # fmt: skip
     return pa.concat_tables(tables) if tables else schemas.assign_schema(int(rec["levels"])).empty_table()
+
+
+def balanced_parts(run_dir: str) -> list[str]:
+    """URLs of the balanced-sample parts of a finished cluster stage, in uid order ([] when it drew none)."""
+    rec = read_json(join(run_dir, CLUSTERS_DIR, "_SUCCESS.json"))
+    if rec is None or rec.get("balanced") is None:
+        return []
+    n = int(rec.get("balanced_parts", 1))  # records before the part count: one part
+    return [join(run_dir, CLUSTERS_DIR, "balanced", part_name(i)) for i in range(n)]
+
+
+def _retrieve_parts(run_dir: str, subdir: str, key: str) -> list[str]:
+    rec = read_json(join(run_dir, SELECTION_DIR, "_SUCCESS.json"))
+    if rec is None:
+        return []
+    n = int(rec.get(key, 1))  # records before the retrieval part count: one part
+    return [join(run_dir, subdir, part_name(i)) for i in range(n)]
+
+
+def selection_parts(run_dir: str) -> list[str]:
+    """URLs of the ``selection/`` parts of a finished retrieve stage, in uid order ([] when it has not finished)."""
+    return _retrieve_parts(run_dir, SELECTION_DIR, "selection_parts")
+
+
+def retrieval_parts(run_dir: str) -> list[str]:
+    """URLs of the ``retrieval/`` pair parts of a finished retrieve stage ([] when it has not finished)."""
+    return _retrieve_parts(run_dir, "retrieval", "retrieval_parts")

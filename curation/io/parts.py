@@ -80,6 +80,15 @@ class PartStore:
     def mark_done(self, step: str, index: int, stats: dict[str, Any], config_hash: str) -> None:
         write_json(self.marker_url(step, index), {**stats, "part": index, "config_hash": config_hash})
 
+    def drop_data(self) -> None:
+        """Delete the step data under ``work`` (everything but the markers): a finished stage's intermediates.
+        Every step stays skipped on a rerun, so the driver must read nothing but markers and outputs after it."""
+        fs, path = get_fs(self.work)
+        if fs.exists(path):
+            for f in fs.find(path):
+                if not f.endswith(".json"):
+                    fs.rm(f)
+
     @property
     def success_url(self) -> str:
         return join(self.output, "_SUCCESS.json")

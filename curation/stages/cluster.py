@@ -5,10 +5,20 @@ Step ``train`` (one task) draws ``cluster.train_points`` kept embeddings under t
 ``clusters/level{k}/centroids.npy`` and, below the top level, ``clusters/level{k}/parent.npy`` (the level-k+1
 cluster of every level-k centroid). Step ``assign`` (one task per embedding part, in parallel) assigns every
 kept image of the part to its nearest level-1 centroid and follows the parents up: ``clusters/assign/part-N``
-(uid, l1..lK, dist = 1 - cosine to the level-1 centroid). With ``cluster.target_size`` the driver then draws a
-balanced hierarchical sample (water-filling, :func:`curation.index.balanced_sample`) into
-``clusters/balanced/part-00000`` (selection schema, reason ``balanced``) and writes the level-1 cluster sizes
-before and after balancing to ``clusters/sizes.json``. Deterministic for a given seed and faiss thread count.
+(uid, l1..lK, dist = 1 - cosine to the level-1 centroid), plus the part's level-1 cluster counts; step ``sizes``
+sums them. With ``cluster.target_size`` a balanced hierarchical sample (water-filling, the same picks as
+:func:`curation.index.balanced_sample` over the whole pool) is drawn by part-sized tasks
+(:mod:`curation.stages.balance`) into ``clusters/balanced/part-*`` (selection schema, reason ``balanced``; the
+parts are uid ranges, so in order they are sorted by uid; their number is ``balanced_parts`` in the success
+record). ``clusters/sizes.json`` holds the level-1 cluster sizes before and after balancing. Deterministic for a
+given seed and faiss thread count.
+
+**Memory contract.** No process holds more than one assignment part (``ingest.rows_per_part`` images), the
+centroids and per-cluster numbers, or one balanced bucket (``cluster.rows_per_part`` rows): the training task
+holds its ``train_points`` sample, an ``assign`` task one embedding part, a ``balance`` round task one part and
+a few numbers per level-1 cluster (the driver sums at most :data:`curation.stages.quota.CELLS` histogram
+cells), a ``pick`` task one part, a ``balanced`` task one uid bucket. The step data under ``_work/cluster/`` is
+deleted once the stage is done (the markers stay).
 """
 
 from __future__ import annotations
@@ -21,13 +31,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.config import RunConfig
 from curation.io.artifacts import CLUSTERS_DIR, keep_mask, kept_embeddings, load_centroids, n_embedding_parts
-from curation.io.fs import atomic_write_bytes, join, read_parquet, write_json, write_parquet
-from curation.io.parts import PartStore, part_name
-from curation.schemas import SELECTION, assign_schema
+from curation.io.fs import atomic_write_bytes, join, write_json, write_parquet
+from curation.io.parts import PartStore
+from curation.schemas import assign_schema
+from curation.stages.balance import run_balanced, save_counts, sum_counts
 from curation.stages.base import Executor, Stage, register_stage
 from curation.stages.dedupe import DedupeStage
 
@@ -99,6 +109,7 @@ def assign_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: 
             cur = parents[k - 1][cur]
     cols["dist"] = pa.array(dist.astype(np.float32), pa.float32())
     write_parquet(store.data_url("clusters/assign", index), pa.table(cols, schema=assign_schema(len(cfg.levels))))
+    save_counts(store, index, labels)
     stats = {"part": index, "in": len(uids), "out": len(uids), "seconds": round(time.perf_counter() - t0, 3)}
     store.mark_done("assign", index, stats, config_hash)
     return stats
@@ -128,47 +139,25 @@ class ClusterStage(Stage):
         train = self.run_parts(executor, "train", 1, partial(train_part, self.config, run_dir, store, h),
                                num_cpus=cfg.train_cpus)[0]
         n_parts, _ = n_embedding_parts(run_dir)
-        self.run_parts(executor, "assign", n_parts, partial(assign_part, self.config, run_dir, store, h))
-        table = pa.concat_tables(
-            [read_parquet(store.data_url("clusters/assign", i)) for i in range(n_parts)]
-        ) if n_parts else assign_schema(len(cfg.levels)).empty_table()
-        l1 = np.asarray(table["l1"].to_numpy(zero_copy_only=False), np.int64)
+        assigned = self.run_parts(executor, "assign", n_parts, partial(assign_part, self.config, run_dir, store, h))
         k1 = cfg.levels[0].n_clusters
-        before = np.bincount(l1, minlength=k1)
+        before = np.array(self.run_parts(executor, "sizes", 1, partial(sum_counts, store, n_parts, k1, h))[0]["counts"],
+                          np.int64)  # fmt: skip
+        n = int(before.sum())
         stats: dict[str, Any] = {
-            "in": int(train["in"]), "out": table.num_rows, "rejected": {},
+            "in": int(train["in"]), "out": n, "rejected": {},
             "levels": len(cfg.levels), "clusters": train["clusters"], "train_points": train["train_points"],
             "assign_parts": n_parts, "size_ratio_before": _ratio(before),
         }  # fmt: skip
         sizes: dict[str, Any] = {"level1_before": before.tolist(), "level1_after": None}
         if cfg.target_size:
             _, parents = load_centroids(run_dir, len(cfg.levels))
-            dist = np.asarray(table["dist"].to_numpy(zero_copy_only=False), np.float64)
-            picked = self._balanced(l1, parents, dist)
-            after = np.bincount(l1[picked], minlength=k1)
+            urls = [store.data_url("clusters/assign", i) for i in range(n_parts)]
+            offsets = np.r_[0, np.cumsum([int(a["out"]) for a in assigned])].astype(int).tolist()
+            after, n_bal_parts, n_bal = run_balanced(self, executor, urls, offsets, before, parents)
             sizes["level1_after"] = after.tolist()
-            uids = table["uid"].take(pa.array(picked))
-            order = pc.sort_indices(uids)
-            sel = pa.table(
-                {
-                    "uid": uids.take(order),
-                    "reason": pa.array(["balanced"] * len(picked), pa.string()),
-                    "seed_set": pa.nulls(len(picked), pa.string()),
-                    "seed_uid": pa.nulls(len(picked), pa.string()),
-                    "score": pa.array((1.0 - dist[picked]).astype(np.float32), pa.float32()).take(order),
-                    "n_seeds": pa.array(np.zeros(len(picked), np.int32), pa.int32()),
-                },
-                schema=SELECTION,
-            )
-            write_parquet(join(store.output, "balanced", part_name(0)), sel)
-            stats.update(balanced=len(picked), size_ratio_after=_ratio(after))
+            stats.update(balanced=n_bal, balanced_parts=n_bal_parts, size_ratio_after=_ratio(after))
         write_json(join(store.output, "sizes.json"), sizes)
-        stats["rows"] = {"assign": table.num_rows, "balanced": stats.get("balanced", 0)}
+        stats["rows"] = {"assign": n, "balanced": stats.get("balanced", 0)}
+        store.drop_data()
         return stats
-
-    def _balanced(self, l1: np.ndarray, parents: list[np.ndarray], dist: np.ndarray) -> np.ndarray:
-        from curation.index import balanced_sample
-
-        cfg = self.config.cluster
-        return balanced_sample([l1, *parents], cfg.target_size, strategy=cfg.strategy, seed=self.config.seed,
-                               distances=dist if cfg.strategy == "closest" else None)  # fmt: skip
