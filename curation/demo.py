@@ -246,8 +246,8 @@ def _dedup_figures(run_dir: str, data: DemoData) -> dict[str, Any]:
 
 
 def _evaluate(run_dir: str, data: DemoData, records: dict[str, Any]) -> dict[str, Any]:
-    from curation.io.artifacts import load_assignments
-    from curation.io.fs import join, read_parquet
+    from curation.io.artifacts import load_assignments, retrieval_parts
+    from curation.io.fs import read_parquet
 
     ing, emb, ded = records["ingest"], records["embed"], records["dedupe"]
     ret, shard = records["retrieve"], records["shard"]
@@ -265,8 +265,8 @@ def _evaluate(run_dir: str, data: DemoData, records: dict[str, Any]) -> dict[str
         "unlabelled_left_out": shard["rejected"].get("unlabelled", 0),
         "shards": shard["shards"],
     }
-    pairs = read_parquet(join(run_dir, "retrieval", "part-00000.parquet"), columns=["uid"])
-    retrieved = sorted(set(pairs["uid"].to_pylist()))
+    retrieved = sorted({u for url in retrieval_parts(run_dir) for u in read_parquet(url, columns=["uid"])["uid"]
+                        .to_pylist()})  # fmt: skip
     seed_labels = {CLASSES.index(c) for c in data.seed_classes}
     hits = [data.labels.get(u, -1) in seed_labels for u in retrieved]
     assign = load_assignments(run_dir)

@@ -2,47 +2,73 @@
 
 Every seed set in ``retrieve.seeds`` is ingested and embedded with the pool's embed model into
 ``seeds/<name>/`` (the same ingest and embed code, so the same decode and preprocessing). Then, over the images
-dedupe kept:
+dedupe kept, as part-sized tasks (:mod:`curation.stages.retrieve_steps`):
 
 * ``method = "knn"`` (large seed sets): the ``n_per_seed`` nearest pool images of every seed (cosine), pairs
-  scoring ``<= min_score`` dropped; over ``cap`` distinct images, the best-scoring ones are kept.
+  scoring ``<= min_score`` dropped; over ``cap`` distinct images, the best-scoring ones are kept. Each embedding
+  part searches the seed set for its own best ``n_per_seed`` per seed (``search-<set>``); one task folds them
+  into the best per seed, caps them and counts collisions (``merge-<set>``): :func:`curation.index.retrieve_knn`
+  over the whole pool with an exact index.
 * ``method = "cluster"`` (small seed sets): each seed is assigned to its level-1 pool cluster (the cluster
   stage's centroids); every cluster holding more than ``min_seeds_per_cluster`` seeds gives ``m_per_cluster``
-  pool images (random or closest to the centroid), the per-set ``cap`` split over clusters by water-filling.
-  Each retrieved image is credited to the most similar seed of its cluster.
+  pool images (random or closest to the centroid), the per-set ``cap`` split over clusters by water-filling, from
+  the cluster sizes alone; the picks per cluster are found by thresholds over the assignment parts
+  (``quota-<set>-rK``, :mod:`curation.stages.quota`) and taken per part (``pick-<set>``), each credited to the
+  most similar seed of its cluster: :func:`curation.index.retrieve_by_cluster` over the whole pool.
 
-``retrieval/part-00000`` records every (seed set, seed uid, pool uid, score, reason, rank) pair. The selection
-``selection/part-*`` (one row per pool uid, sorted) is the union of every seed set's retrieval and, with
-``retrieve.include_balanced`` and a cluster stage that drew a balanced sample, that sample: the reason is the
-first of knn, cluster, balanced that applies, the seed the best-scoring one, ``n_seeds`` the number of seeds that
-retrieved it. Stats report collisions (pool images retrieved by several seeds) per seed set.
+Every pair goes to the uid-range bucket of its pool image; a ``select`` task per bucket writes
+``retrieval/part-B`` (every (seed set, seed uid, pool uid, score, reason, rank) pair of the bucket, in seed-set,
+seed and rank order) and ``selection/part-B`` (one row per pool uid, sorted; the parts in order are sorted by uid):
+the union of every seed set's retrieval and, with ``retrieve.include_balanced`` and a cluster stage that drew a
+balanced sample, that sample: the reason is the first of knn, cluster, balanced that applies, the seed the
+best-scoring one, ``n_seeds`` the number of seeds that retrieved it. Both part counts are in the success record
+(``retrieval_parts``, ``selection_parts``). Stats report collisions (pool images retrieved by several seeds) per
+seed set.
+
+**Memory contract.** No process holds more than one embedding or assignment part (``ingest.rows_per_part``
+images), the centroids and per-cluster numbers, a seed set (its embeddings, and for kNN its S x ``n_per_seed``
+pairs: the ``merge`` task folds :data:`curation.stages.retrieve_steps.FOLD` times that many candidates at once),
+or one uid bucket (planned at ``retrieve.rows_per_part`` rows from the most pairs and balanced rows there can be).
+The driver holds seed sets, per-cluster numbers and part statistics. The step data under ``_work/retrieve/`` is
+deleted once the stage is done (the markers stay).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from functools import partial
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from curation.config import RunConfig, SeedSet
 from curation.io.artifacts import (
     CLUSTERS_DIR,
     SELECTION_DIR,
-    load_assignments,
+    balanced_parts,
+    kept_counts,
     load_centroids,
     load_embeddings,
-    load_kept,
+    n_embedding_parts,
 )
-from curation.io.fs import exists, join, read_parquet, write_parquet
+from curation.io.fs import join, read_json
 from curation.io.parts import part_name
-from curation.schemas import RETRIEVAL, SELECTION
 from curation.stages.base import Executor, Stage, register_stage
 from curation.stages.cluster import ClusterStage
 from curation.stages.dedupe import DedupeStage
 from curation.stages.embed import EmbedStage
 from curation.stages.ingest import IngestStage
+from curation.stages.quota import LeafKeys, quota_thresholds
+from curation.stages.retrieve_steps import (
+    ClusterJob,
+    KnnJob,
+    SelectJob,
+    merge_part,
+    pick_part,
+    search_part,
+    select_part,
+)
 
 __all__ = [
     "RetrieveStage",
@@ -53,9 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_PRIORITY = {"knn": 0, "cluster": 1, "balanced": 2}
-SELECTION_ROWS_PER_PART = 100_000
 
 
 def seed_prefix(name: str) -> str:
@@ -104,18 +127,6 @@ def embed_seed_set(config: RunConfig, run_dir: str, seeds: SeedSet, executor: Ex
     return uids, emb
 
 
-def _cap_knn(si: np.ndarray, pi: np.ndarray, sc: np.ndarray, cap: int) -> np.ndarray:
-    """Mask of pairs kept when at most ``cap`` distinct pool images may be retrieved (best score first)."""
-    uniq, inv = np.unique(pi, return_inverse=True)
-    if not cap or len(uniq) <= cap:
-        return np.ones(len(pi), bool)
-    best = np.full(len(uniq), -np.inf)
-    np.maximum.at(best, inv, sc.astype(np.float64))
-    keep = np.zeros(len(uniq), bool)
-    keep[np.lexsort((uniq, -best))[:cap]] = True
-    return keep[inv]
-
-
 @register_stage
 class RetrieveStage(Stage):
     """Seed sets + kept pool -> ``retrieval/`` (pairs) and ``selection/`` (one row per selected image)."""
@@ -123,6 +134,7 @@ class RetrieveStage(Stage):
     name = "retrieve"
     output = SELECTION_DIR
     requires = ("dedupe",)
+    items_step = "select"
 
     def _needs_cluster(self) -> bool:
         cfg = self.config.retrieve
@@ -142,129 +154,90 @@ class RetrieveStage(Stage):
         if self._needs_cluster() and not ClusterStage(self.config, self.run_dir, self.prefix).is_done():
             raise ValueError(f"retrieve needs the cluster stage finished first in {self.run_dir} (seed sets with "
                              "method='cluster' or a balanced sample); add 'cluster' before 'retrieve' in stages")
-        pool_uids, pool = load_kept(self.run_dir)
-        self._parts_total = self._parts_computed = 1
-        self._items_computed = len(pool_uids)
-        if not pool_uids:
+        counts = kept_counts(self.run_dir)
+        n_pool = sum(counts)
+        if not n_pool:
             raise ValueError(f"no kept pool images in {self.run_dir}: nothing to retrieve from")
-        pairs: list[pa.Table] = []
+        offsets = np.r_[0, np.cumsum(counts)].astype(int).tolist()
+        n_parts, dim = n_embedding_parts(self.run_dir)
+        sets = [(s, *embed_seed_set(self.config, self.run_dir, s, executor)) for s in cfg.seeds]
+        jobs: list[KnnJob | ClusterJob] = []
+        bound = 0  # most pairs and balanced rows the selection can get: sizes its uid buckets
+        for pos, (s, seed_uids, seed_emb) in enumerate(sets):
+            if s.method == "knn":
+                jobs.append(KnnJob(self.run_dir, self.store, self.config_hash, s.name, pos, seed_uids, seed_emb,
+                                   s.n_per_seed, None if s.min_score <= -1.0 else s.min_score, s.cap, cfg.index,
+                                   dim))  # fmt: skip
+                bound += len(seed_uids) * min(s.n_per_seed, n_pool)
+            else:
+                job = self._cluster_job(executor, s, pos, seed_uids, seed_emb, offsets, dim)
+                jobs.append(job)
+                bound += int(job.take.sum())
+        balanced = balanced_parts(self.run_dir) if cfg.include_balanced and self.config.cluster.target_size else []
+        if balanced:
+            bound += int((read_json(join(self.run_dir, CLUSTERS_DIR, "_SUCCESS.json")) or {}).get("balanced", 0))
+        n_buckets = max(1, -(-bound // cfg.rows_per_part))
         per_set: dict[str, Any] = {}
-        for s in cfg.seeds:
-            seed_uids, seed_emb = embed_seed_set(self.config, self.run_dir, s, executor)
-            table = self._knn(s, seed_uids, seed_emb, pool_uids, pool) if s.method == "knn" else \
-                self._cluster(s, seed_uids, seed_emb, pool_uids, pool)  # fmt: skip
-            per_set[s.name] = self._set_stats(s, len(seed_uids), table)
+        pair_urls: list[str] = []
+        for (s, seed_uids, _), job in zip(sets, jobs):
+            per_set[s.name] = self._run_set(executor, job, offsets, n_buckets)
+            pair_urls += [job.pairs_url] if isinstance(job, KnnJob) else [job.pairs_url(i) for i in range(n_parts)]
             log.info("retrieve %s (%s): %d seeds -> %d pairs, %d distinct pool images", s.name, s.method,
-                     len(seed_uids), table.num_rows, per_set[s.name]["retrieved"])  # fmt: skip
-            pairs.append(table)
-        all_pairs = pa.concat_tables(pairs) if pairs else RETRIEVAL.empty_table()
-        write_parquet(join(self.run_dir, "retrieval", part_name(0)), all_pairs)
-        selection = self._selection(all_pairs)
-        n_sel_parts = max(1, -(-selection.num_rows // SELECTION_ROWS_PER_PART))
-        for i in range(n_sel_parts):
-            chunk = selection.slice(i * SELECTION_ROWS_PER_PART, SELECTION_ROWS_PER_PART)
-            write_parquet(join(self.store.output, part_name(i)), chunk)
-        reasons = dict(zip(*np.unique(selection["reason"].to_numpy(zero_copy_only=False), return_counts=True)))
+                     len(seed_uids), per_set[s.name]["pairs"], per_set[s.name]["retrieved"])  # fmt: skip
+        select = SelectJob(self.run_dir, self.store, self.config_hash, pair_urls, balanced)
+        parts = self.run_parts(executor, "select", n_buckets, partial(select_part, select, n_buckets))
+        reasons: Counter[str] = Counter()
+        for p in parts:
+            reasons.update(p["reasons"])
+        out, n_pairs = sum(int(p["out"]) for p in parts), sum(int(p["pairs"]) for p in parts)
+        self.store.drop_data()
         return {
-            "in": len(pool_uids),
-            "out": selection.num_rows,
+            "in": n_pool,
+            "out": out,
             "rejected": {},
             "seed_sets": per_set,
-            "reasons": {str(k): int(v) for k, v in sorted(reasons.items())},
-            "pairs": all_pairs.num_rows,
-            "selection_parts": n_sel_parts,
-            "rows": {"selection": selection.num_rows, "retrieval": all_pairs.num_rows},
+            "reasons": dict(sorted(reasons.items())),
+            "pairs": n_pairs,
+            "selection_parts": n_buckets,
+            "retrieval_parts": n_buckets,
+            "rows": {"selection": out, "retrieval": n_pairs},
         }
 
-    def _knn(self, s: SeedSet, seed_uids: list[str], seed_emb: np.ndarray, pool_uids: list[str],
-             pool: np.ndarray) -> pa.Table:  # fmt: skip
-        from curation.index import retrieve_knn
+    def _cluster_job(self, executor: Executor, s: SeedSet, pos: int, seed_uids: list[str], seed_emb: np.ndarray,
+                     offsets: list[int], dim: int) -> ClusterJob:  # fmt: skip
+        """Seeds to clusters, the take per cluster (from the cluster sizes) and the leaf thresholds."""
+        from curation.index import assign
+        from curation.index.retrieval import cluster_take
 
-        n = min(s.n_per_seed, len(pool_uids))
-        si, pi, sc = retrieve_knn(pool, seed_emb, n, self.config.retrieve.index,
-                                  min_score=None if s.min_score <= -1.0 else s.min_score)  # fmt: skip
-        rank = np.zeros(len(si), np.int32)
-        if len(si):  # position of each pair within its seed's row (pairs are seed-major, best first)
-            starts = np.r_[0, np.flatnonzero(np.diff(si)) + 1]
-            rank = (np.arange(len(si)) - np.repeat(starts, np.diff(np.r_[starts, len(si)]))).astype(np.int32)
-        keep = _cap_knn(si, pi, sc, s.cap)
-        return self._pairs(s, [seed_uids[i] for i in si[keep]], [pool_uids[i] for i in pi[keep]], sc[keep],
-                           "knn", rank[keep])  # fmt: skip
-
-    def _cluster(self, s: SeedSet, seed_uids: list[str], seed_emb: np.ndarray, pool_uids: list[str],
-                 pool: np.ndarray) -> pa.Table:  # fmt: skip
-        from curation.index import assign, retrieve_by_cluster
-
-        assignments = load_assignments(self.run_dir)
-        if assignments["uid"].to_pylist() != pool_uids:
-            raise ValueError("clusters/assign does not match the kept pool images; rerun the cluster stage")
-        pool_l1 = np.asarray(assignments["l1"].to_numpy(zero_copy_only=False), np.int64)
-        pool_dist = np.asarray(assignments["dist"].to_numpy(zero_copy_only=False), np.float64)
         cents, _ = load_centroids(self.run_dir, len(self.config.cluster.levels))
         seed_l1, _ = assign(seed_emb, cents[0])
-        picked = retrieve_by_cluster(pool_l1, seed_l1, s.m_per_cluster, s.min_seeds_per_cluster, s.cap or None,
-                                     self.config.seed, pool_dist=pool_dist if s.pick == "closest" else None)
-        best_seed = np.zeros(len(picked), np.int64)
-        best_score = np.zeros(len(picked), np.float32)
-        for c in np.unique(pool_l1[picked]):
-            rows = np.flatnonzero(pool_l1[picked] == c)
-            seeds_c = np.flatnonzero(seed_l1 == c)
-            sims = pool[picked[rows]] @ seed_emb[seeds_c].T
-            best_seed[rows] = seeds_c[np.argmax(sims, axis=1)]
-            best_score[rows] = sims.max(axis=1)
-        return self._pairs(s, [seed_uids[i] for i in best_seed], [pool_uids[i] for i in picked], best_score,
-                           "cluster", pool_l1[picked].astype(np.int32))  # fmt: skip
+        seed_l1 = np.asarray(seed_l1, np.int64)
+        sizes = np.array(read_json(join(self.run_dir, CLUSTERS_DIR, "sizes.json"))["level1_before"], np.int64)
+        n_clusters = int(max(np.flatnonzero(sizes)[-1], seed_l1.max())) + 1
+        pool_counts = np.zeros(n_clusters, np.int64)
+        pool_counts[: min(len(sizes), n_clusters)] = sizes[:n_clusters]
+        rng = np.random.default_rng(self.config.seed)
+        take, skip = cluster_take(pool_counts, np.bincount(seed_l1, minlength=n_clusters), s.m_per_cluster,
+                                  s.min_seeds_per_cluster, s.cap or None, rng)  # fmt: skip
+        rec = read_json(join(self.run_dir, CLUSTERS_DIR, "_SUCCESS.json")) or {}
+        urls = [join(self.run_dir, CLUSTERS_DIR, "assign", part_name(i)) for i in range(int(rec["assign_parts"]))]
+        if len(urls) != len(offsets) - 1:
+            raise ValueError("clusters/assign does not match the kept pool images; rerun the cluster stage")
+        keys = LeafKeys(urls, offsets, s.pick, self.config.seed, skip)
+        th = quota_thresholds(self, executor, f"quota-{s.name}", keys, pool_counts, take)
+        return ClusterJob(self.run_dir, self.store, self.config_hash, s.name, pos, seed_uids, seed_emb, seed_l1, take,
+                          keys, th, dim)  # fmt: skip
 
-    @staticmethod
-    def _pairs(s: SeedSet, seed_uids: list[str], uids: list[str], score: np.ndarray, reason: str,
-               rank: np.ndarray) -> pa.Table:  # fmt: skip
-        n = len(uids)
-        return pa.table(
-            {
-                "seed_set": pa.array([s.name] * n, pa.string()),
-                "seed_uid": pa.array(seed_uids, pa.string()),
-                "uid": pa.array(uids, pa.string()),
-                "score": pa.array(np.asarray(score, np.float32), pa.float32()),
-                "reason": pa.array([reason] * n, pa.string()),
-                "rank": pa.array(np.asarray(rank, np.int32), pa.int32()),
-            },
-            schema=RETRIEVAL,
-        )
-
-    @staticmethod
-    def _set_stats(s: SeedSet, n_seeds: int, table: pa.Table) -> dict[str, Any]:
-        from curation.index import collision_stats
-
-        uids = np.asarray(table["uid"].to_numpy(zero_copy_only=False))
-        uniq, inv, counts = np.unique(uids, return_inverse=True, return_counts=True)
-        cs = collision_stats(inv)
-        top = np.lexsort((uniq, -counts))[:5]
-        return {
-            "method": s.method, "seeds": n_seeds, "pairs": cs.n_pairs, "retrieved": cs.n_unique,
-            "collided": cs.n_collided, "max_seeds_per_image": cs.max_count,
-            "collision_rate": round(cs.collision_rate, 4),
-            "top_collisions": [[str(uniq[i]), int(counts[i])] for i in top if counts[i] > 1],
-        }  # fmt: skip
-
-    def _selection(self, pairs: pa.Table) -> pa.Table:
-        best: dict[str, tuple[int, float, str, str]] = {}
-        n_seeds: dict[str, int] = {}
-        for seed_set, seed_uid, uid, score, reason in zip(
-            *(pairs[c].to_pylist() for c in ("seed_set", "seed_uid", "uid", "score", "reason"))
-        ):
-            n_seeds[uid] = n_seeds.get(uid, 0) + 1
-            key = (_PRIORITY[reason], -score, seed_set, seed_uid)
-            if uid not in best or key < best[uid]:
-                best[uid] = key
-        rows = [
-            {"uid": u, "reason": ("knn", "cluster")[k[0]], "seed_set": k[2], "seed_uid": k[3], "score": -k[1],
-             "n_seeds": n_seeds[u]}
-            for u, k in best.items()
-        ]  # fmt: skip
-        balanced_url = join(self.run_dir, CLUSTERS_DIR, "balanced", part_name(0))
-        if self.config.retrieve.include_balanced and self.config.cluster.target_size > 0 and exists(balanced_url):
-            for row in read_parquet(balanced_url).to_pylist():
-                if row["uid"] not in best:
-                    rows.append(row)
-        rows.sort(key=lambda r: r["uid"])
-        return pa.Table.from_pylist(rows, schema=SELECTION)
+    def _run_set(self, executor: Executor, job: KnnJob | ClusterJob, offsets: list[int], n_buckets: int
+                 ) -> dict[str, Any]:  # fmt: skip
+        """Run one seed set's steps; its statistics."""
+        n_parts = len(offsets) - 1
+        if isinstance(job, KnnJob):
+            self.run_parts(executor, f"search-{job.name}", n_parts, partial(search_part, job, offsets))
+            merged = self.run_parts(executor, f"merge-{job.name}", 1, partial(merge_part, job, n_parts, n_buckets))[0]
+            return {k: merged[k] for k in ("method", "seeds", "pairs", "retrieved", "collided",
+                                           "max_seeds_per_image", "collision_rate", "top_collisions")}  # fmt: skip
+        picked = self.run_parts(executor, f"pick-{job.name}", n_parts, partial(pick_part, job, n_buckets))
+        n = sum(int(p["out"]) for p in picked)  # every pool image once: no collisions
+        return {"method": "cluster", "seeds": len(job.seed_uids), "pairs": n, "retrieved": n, "collided": 0,
+                "max_seeds_per_image": int(n > 0), "collision_rate": 0.0, "top_collisions": []}  # fmt: skip
