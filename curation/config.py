@@ -32,6 +32,7 @@ __all__ = [
     "RunConfig",
     "SeedSet",
     "ShardConfig",
+    "VerifyConfig",
     "config_hash",
 ]
 
@@ -156,13 +157,80 @@ class ReferenceSet:
 
 
 @dataclass(kw_only=True)
+class VerifyConfig:
+    """Local-feature verification of candidate copy pairs (``curation.verify``): SIFT matches, then a geometric
+    model constrained to plausible copy transforms fitted by RANSAC, also against the mirrored image."""
+
+    max_side: int = 512
+    """Images are downscaled (grayscale) so their long side is at most this before keypoint detection."""
+    max_features: int = 512
+    """Strongest SIFT keypoints kept per image (cost of matching grows with its square)."""
+    contrast_threshold: float = 0.01
+    """SIFT contrast threshold (OpenCV's, on a contrast-stretched image; lower finds keypoints in flatter, blurrier
+    pictures, and the strongest ``max_features`` are kept anyway)."""
+    match_ratio: float = 0.8
+    """Lowe's ratio test: a match is kept when its descriptor distance is below this times the second best's;
+    matches must also be mutual nearest neighbours. Repeated texture fails the test (many equal candidates)."""
+    model: Literal["similarity", "affine", "homography"] = "affine"
+    """Geometric model of a copy: ``similarity`` (scale, rotation, shift), ``affine`` (also aspect changes and
+    mild shear) or ``homography`` (also perspective)."""
+    ransac_threshold: float = 0.02
+    """Inlier reprojection error, as a fraction of the long side of the second image."""
+    max_scale: float = 8.0
+    """Most scale change between the images either way (a crop upscaled or a thumbnail)."""
+    max_anisotropy: float = 3.0
+    """Most ratio of the model's two axis scales (aspect change plus shear); implausible models are rejected."""
+    min_inliers: int = 8
+    """Verdict: at least this many inliers (distinct keypoint locations consistent with the model)."""
+    min_inlier_ratio: float = 0.2
+    """Verdict: inliers / tentative (ratio-test, mutual) matches at least this."""
+    min_spread: float = 0.05
+    """Verdict: the inliers' convex hull covers at least this fraction of the area of one of the two images, so a
+    single small matching patch (a caption, a logo, a texture detail) cannot verify a pair."""
+    min_agreement: float = 0.5
+    """Verdict: at least this fraction of the informative 8 x 8 cells of the region both images show (64-pixel
+    thumbnails aligned by the model) correlate: a copy agrees over most of it, two pictures sharing only an
+    overlay (caption, watermark, frame) agree only there."""
+
+    def __post_init__(self) -> None:
+        section = "dedupe.verification"
+        _positive(section, self, "max_side", "max_features", "min_inliers")
+        if self.max_side < 32:
+            raise ValueError(f"{section}.max_side must be >= 32, got {self.max_side}")
+        if self.min_inliers < 3:
+            raise ValueError(f"{section}.min_inliers must be >= 3 (a model needs 3 points), got {self.min_inliers}")
+        for name, lo, hi in (("contrast_threshold", 0.0, 1.0), ("match_ratio", 0.0, 1.0),
+                             ("ransac_threshold", 0.0, 0.5), ("min_spread", -1e-9, 1.0),
+                             ("min_inlier_ratio", -1e-9, 1.0), ("min_agreement", -1e-9, 1.0)):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo < v <= hi:
+                raise ValueError(f"{section}.{name} must be a number in ({max(lo, 0.0)}, {hi}], got {v!r}")
+        for name in ("max_scale", "max_anisotropy"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 1.0:
+                raise ValueError(f"{section}.{name} must be a number >= 1, got {v!r}")
+        if self.model not in ("similarity", "affine", "homography"):
+            raise ValueError(f"{section}.model must be similarity, affine or homography, got {self.model!r}")
+
+
+@dataclass(kw_only=True)
 class DedupeConfig:
     """Copy detection (kNN graph, threshold, union-find) and decontamination against reference sets."""
 
     k: int = 64
     """Neighbours per image in the kNN graph."""
     threshold: float = 0.6
-    """Cosine similarity above which two images are copies (DINOv2: 0.6 with SSCD features)."""
+    """Cosine similarity above which two images are copies when ``verify`` is off (DINOv2: 0.6 with SSCD)."""
+    verify: bool = True
+    """Two-stage copy detection: the descriptor only proposes candidate pairs (``candidate_threshold``,
+    ``max_candidates``), each verified on the images with local features (``verification``)."""
+    candidate_threshold: float = 0.1
+    """With ``verify``: descriptor score above which a pair is a candidate (permissive; verification decides).
+    Calibrated with ``python bench/copy_verify.py``."""
+    max_candidates: int = 32
+    """With ``verify``: best-scoring candidates per image sent to verification."""
+    verification: VerifyConfig = field(default_factory=VerifyConfig)
+    """Local-feature verification settings (``curation.verify``)."""
     decontam_threshold: float = 0.45
     """Cosine similarity above which a pool image matches a reference image (DINOv2: 0.45)."""
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -200,7 +268,8 @@ class DedupeConfig:
                 raise ValueError(f"dedupe.{name} must be a positive integer, got {v!r}")
         if isinstance(self.recall_sample, bool) or not isinstance(self.recall_sample, int) or self.recall_sample < 0:
             raise ValueError(f"dedupe.recall_sample must be an integer >= 0, got {self.recall_sample!r}")
-        for name in ("threshold", "decontam_threshold"):
+        _positive("dedupe", self, "max_candidates")
+        for name in ("threshold", "decontam_threshold", "candidate_threshold"):
             v = getattr(self, name)
             if not -1.0 <= v <= 1.0:
                 raise ValueError(f"dedupe.{name} must be a cosine in [-1, 1], got {v}")
