@@ -133,9 +133,21 @@ class GraphJob:
     """Join threshold: the lower of the copy and the decontamination thresholds when references are set."""
     background: list[str] = field(default_factory=list)
     """Embedding part URLs of the SSCD background set (empty: no score normalisation)."""
+    verify: bool = False
+    """Geometric verification: the graph's edges are candidates (``candidate_threshold``, ``max_candidates``)."""
     ref_count: int = 0
     """Reference images (decontamination): they take node ids ``0..ref_count-1`` in the decontamination
     graph, pool vectors ``gid + ref_count``, so a component holds a reference iff its label is below it."""
+
+    @property
+    def edge_threshold(self) -> float:
+        """Score above which a pair is an edge (a candidate pair with verification)."""
+        return self.cfg.candidate_threshold if self.verify else self.cfg.threshold
+
+    @property
+    def edge_k(self) -> int:
+        """Most edges (candidates with verification) kept per vector."""
+        return self.cfg.max_candidates if self.verify else self.cfg.k
 
     @property
     def n(self) -> int:
@@ -209,11 +221,11 @@ def exact_join_part(job: GraphJob, tiles: list[tuple[int, int]], index: int) -> 
     uid_of = dict(zip(ga.tolist(), ua))
     with one_blas_thread():
         if a == b:
-            res = join_blocks(xa, ga, k=job.cfg.k, threshold=job.threshold, bias_a=job.bias(xa), beta=job.cfg.beta)
+            res = join_blocks(xa, ga, k=job.edge_k, threshold=job.threshold, bias_a=job.bias(xa), beta=job.cfg.beta)
         else:
             ub, xb, gb = job.load_parts(*tiles[b])
             uid_of.update(zip(gb.tolist(), ub))
-            res = join_blocks(xa, ga, xb, gb, k=job.cfg.k, threshold=job.threshold, bias_a=job.bias(xa),
+            res = join_blocks(xa, ga, xb, gb, k=job.edge_k, threshold=job.threshold, bias_a=job.bias(xa),
                               bias_b=job.bias(xb), beta=job.cfg.beta)  # fmt: skip
     rows = job.write_join("join", index, res, uid_of)
     stats = {"part": index, "in": len(res.ids), "out": rows, "edges": len(res.src),
@@ -341,7 +353,7 @@ def ivf_join_part(job: GraphJob, index: int) -> dict[str, Any]:
     for s, e in zip(starts.tolist(), ends.tolist()):
         rows = order[s:e]
         with one_blas_thread():
-            res = join_blocks(x[rows], gid[rows], k=job.cfg.k, threshold=job.threshold,
+            res = join_blocks(x[rows], gid[rows], k=job.edge_k, threshold=job.threshold,
                               bias_a=None if bias is None else bias[rows], beta=job.cfg.beta)  # fmt: skip
         src.append(res.src), dst.append(res.dst), score.append(res.score)
         ids.append(res.ids), best.append(res.best), partner.append(res.partner)
@@ -381,11 +393,16 @@ def reduce_part(job: GraphJob, n_join: int, decontam: bool, index: int) -> dict[
     partner_uid: list[str | None] = [None] * (s1 - s0)
     for i, p in zip(ids.tolist(), partner.tolist()):
         partner_uid[i - s0] = uid_rows.get((i, p)) if p >= 0 else None
-    es, ed, ew = top_k_edges(src[~is_best], dst[~is_best], score[~is_best], cfg.k)
-    dup = ew > cfg.threshold
+    es, ed, ew = top_k_edges(src[~is_best], dst[~is_best], score[~is_best], job.edge_k)
+    dup = ew > job.edge_threshold
     out = {"part": index, "in": s1 - s0, "out": int(dup.sum()), "edges": int(dup.sum())}
     graphs = {"dup": (es[dup], ed[dup], 0)}
-    if decontam:
+    if job.verify:  # candidates go to verification, which writes the graphs' verified edges
+        from curation.stages.verify_steps import write_candidates
+
+        out["candidates"] = write_candidates(job, index, es[dup], ed[dup], ew[dup])
+        graphs = {}
+    elif decontam:
         dec = ew > cfg.decontam_threshold
         graphs["dec"] = (es[dec], ed[dec], job.ref_count)
         out["decontam_edges"] = int(dec.sum())

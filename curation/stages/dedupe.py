@@ -67,6 +67,7 @@ from curation.stages.dedupe_steps import (
 )
 from curation.stages.embed import EmbedStage
 from curation.stages.ingest import IngestStage
+from curation.stages.verify_steps import locate_part, verify_part
 
 __all__ = ["DedupeStage", "reference_prefix"]
 
@@ -131,12 +132,13 @@ class DedupeStage(Stage):
         urls, sizes, dim = _embedding_parts(self.run_dir, self.prefix)
         n = sum(sizes)
         decontam = bool(refs) and n_refs > 0
+        edge_t = cfg.candidate_threshold if cfg.verify else cfg.threshold
         job = GraphJob(
             cfg=cfg, store=self.store, config_hash=self.config_hash, part_urls=urls,
             part_starts=np.r_[0, np.cumsum(sizes)].astype(int).tolist(), dim=dim,
             blocks=plan_blocks(sizes, cfg.block_rows),
-            threshold=min(cfg.threshold, cfg.decontam_threshold) if decontam else cfg.threshold,
-            background=background, ref_count=n_refs if decontam else 0,
+            threshold=min(edge_t, cfg.decontam_threshold) if decontam else edge_t,
+            background=background, ref_count=n_refs if decontam else 0, verify=cfg.verify,
         )  # fmt: skip
         n_blocks = len(job.blocks)
         plan = plan_index(n, dim, cfg.index).kind if n else "flat"
@@ -154,9 +156,18 @@ class DedupeStage(Stage):
             joins = self.run_parts(executor, "join", n_join, partial(ivf_join_part, job))
             stats.update(nlist=train["nlist"], largest_list=max(int(p["largest_list"]) for p in joins))
         stats["join_tasks"] = n_join
-        self.run_parts(executor, "reduce", n_blocks, partial(reduce_part, job, n_join, decontam))
+        reduced = self.run_parts(executor, "reduce", n_blocks, partial(reduce_part, job, n_join, decontam))
+        manifest = manifest_parts(PartStore(self.run_dir, "ingest", IngestStage.output, self.prefix))
+        if cfg.verify:
+            self.run_parts(executor, "locate", n_blocks, partial(locate_part, job, manifest))
+            checked = self.run_parts(executor, "verify", n_blocks,
+                                     partial(verify_part, job, self.config, manifest, decontam))  # fmt: skip
+            stats.update(candidates=sum(int(p["candidates"]) for p in reduced),
+                         verified=sum(int(p["out"]) for p in checked),
+                         verify_unreadable_pairs=sum(int(p["unreadable_pairs"]) for p in checked),
+                         verify_seconds=round(sum(float(p["seconds"]) for p in checked), 3))  # fmt: skip
         if decontam:
-            self.run_parts(executor, "refs", n_blocks, partial(refs_part, job, refs))
+            self.run_parts(executor, "refs", n_blocks, partial(refs_part, job, refs, self.config, manifest))
         if cfg.recall_sample and n:
             sample = recall_sample(job)
             self.run_parts(executor, "recall", n_blocks, partial(recall_part, job, sample))
@@ -171,7 +182,6 @@ class DedupeStage(Stage):
             dec = ComponentGraph("cc-dec", job.work("cc-dec"), dec_starts, self.store, self.config_hash)
             ref_files = [job.work("cc-dec", "refs", part_name(b)) for b in range(n_blocks)]
             run_components(self, executor, dec, dec.round_files(0) + ref_files)
-        manifest = manifest_parts(PartStore(self.run_dir, "ingest", IngestStage.output, self.prefix))
         self.run_parts(executor, "keep", n_blocks, partial(keep_part, job, manifest, dup, dec))
         self.run_parts(executor, "resolve", n_blocks, partial(resolve_part, job))
         written = self.run_parts(executor, "write", n_blocks, partial(write_part, job))

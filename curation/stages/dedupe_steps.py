@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schemas
+from curation.config import RunConfig
 from curation.io.buckets import bucket_of_ranges, read_bucket, write_buckets
 from curation.io.fs import exists, read_parquet, write_parquet
 from curation.io.parts import part_name
@@ -45,23 +46,42 @@ class RefSet:
     manifest_urls: list[str]
 
 
-def _load_refs(job: GraphJob, refs: list[RefSet]) -> tuple[np.ndarray, list[tuple[str, str, str | None]]]:
-    """All reference vectors and, per row, (set name, uid, uri)."""
+def _load_refs(job: GraphJob, refs: list[RefSet]) -> tuple[np.ndarray, list[tuple[str, str, dict[str, Any]]]]:
+    """All reference vectors and, per row, (set name, uid, manifest location: uri, container, offset, size)."""
     mats, meta = [], []
     for ref in refs:
-        uri: dict[str, str] = {}
+        where: dict[str, dict[str, Any]] = {}
         for url in ref.manifest_urls:
-            t = read_parquet(url, columns=["uid", "uri"])
-            uri.update(zip(t["uid"].to_pylist(), t["uri"].to_pylist()))
+            for row in read_parquet(url, columns=["uid", "uri", "container", "offset", "size"]).to_pylist():
+                where[row["uid"]] = row
         for url in ref.embedding_urls:
             u, m = read_part(url, job.dim)
             mats.append(m)
-            meta += [(ref.name, x, uri.get(x)) for x in u]
+            meta += [(ref.name, x, where.get(x, {})) for x in u]
     return (np.concatenate(mats) if mats else np.zeros((0, job.dim), np.float32)), meta
 
 
-def refs_part(job: GraphJob, refs: list[RefSet], index: int) -> dict[str, Any]:
-    """Direct matches of block ``index`` against every reference image (see the module docstring)."""
+def _verified(job: GraphJob, config: RunConfig, manifest_urls: list[str], index: int, uids: list[str],
+              meta: list[tuple[str, str, dict[str, Any]]], pool_i: np.ndarray, ref_i: np.ndarray) -> np.ndarray:
+    """Mask of the (pool, reference) matches that pass geometric verification (``dedupe.verify``)."""
+    from curation.stages.verify_steps import FeatureCache, _block_locations
+    from curation.verify.geometry import check_pair
+
+    _, where = _block_locations(job, manifest_urls, index)
+    cache = FeatureCache(config)
+    ok = np.zeros(len(pool_i), bool)
+    for i, (p, r) in enumerate(zip(pool_i.tolist(), ref_i.tolist())):
+        fa = cache.get(uids[p], where[uids[p]])
+        fb = cache.get("ref:" + meta[r][1], meta[r][2])
+        if not isinstance(fa, str) and not isinstance(fb, str):
+            ok[i] = check_pair(fa, fb, config.dedupe.verification).verdict
+    return ok
+
+
+def refs_part(job: GraphJob, refs: list[RefSet], config: RunConfig, manifest_urls: list[str],
+              index: int) -> dict[str, Any]:  # fmt: skip
+    """Direct matches of block ``index`` against every reference image (see the module docstring); with
+    ``dedupe.verify`` only the matches that pass geometric verification count."""
     from curation.index.search import _threads, knn_search
     from curation.index.stars import undirected_rows
 
@@ -75,7 +95,11 @@ def refs_part(job: GraphJob, refs: list[RefSet], index: int) -> dict[str, Any]:
             sims, ids = knn_search(ref_x, x, min(cfg.k, len(ref_x)), cfg.index)
         rows, cols = np.nonzero((ids >= 0) & (sims > cfg.decontam_threshold))
         pool_i, ref_i, score = rows.astype(np.int64), ids[rows, cols], sims[rows, cols].astype(np.float32)
-    report = sorted(({"uid": uids[p], "reference": meta[r][0], "ref_uid": meta[r][1], "ref_uri": meta[r][2],
+    candidates = len(pool_i)
+    if job.verify and candidates:
+        ok = _verified(job, config, manifest_urls, index, uids, meta, pool_i, ref_i)
+        pool_i, ref_i, score = pool_i[ok], ref_i[ok], score[ok]
+    report = sorted(({"uid": uids[p], "reference": meta[r][0], "ref_uid": meta[r][1], "ref_uri": meta[r][2].get("uri"),
                       "score": float(s)} for p, r, s in zip(pool_i.tolist(), ref_i.tolist(), score.tolist())),
                     key=lambda d: (d["reference"], d["uid"], d["ref_uid"]))  # fmt: skip
     write_parquet(job.store.data_url("decontam", index), pa.Table.from_pylist(report, schema=schemas.DECONTAM))
@@ -85,6 +109,7 @@ def refs_part(job: GraphJob, refs: list[RefSet], index: int) -> dict[str, Any]:
     table = pa.table({"u": pa.array(u, pa.int64()), "v": pa.array(v, pa.int64())}, schema=EDGES)
     write_buckets(job.work("cc-dec", "refs", part_name(index)), table, bucket_of_ranges(u, starts), len(job.blocks))
     stats = {"part": index, "in": len(x), "out": len(report), "matched": int(len(np.unique(pool_i))),
+             "candidates": candidates,
              "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     job.store.mark_done("refs", index, stats, job.config_hash)
     return stats
@@ -122,8 +147,8 @@ def recall_part(job: GraphJob, sample: tuple[np.ndarray, np.ndarray], index: int
     if job.background:
         sims -= cfg.beta * np.float32(0.5) * (job.bias(s_x)[:, None] + job.bias(x)[None, :])
     sims[s_gid[:, None] == gids[None, :]] = -np.inf
-    r, c = np.nonzero(sims > cfg.threshold)
-    es, ed, ew = top_k_edges(s_gid[r], gids[c], sims[r, c], cfg.k)
+    r, c = np.nonzero(sims > job.edge_threshold)
+    es, ed, ew = top_k_edges(s_gid[r], gids[c], sims[r, c], job.edge_k)
     found = read_parquet(job.work("found", part_name(index)))
     mine = np.isin(found["src"].to_numpy(), s_gid)
     fs, fd = found["src"].to_numpy()[mine], found["dst"].to_numpy()[mine]
@@ -144,7 +169,7 @@ def edge_recall(job: GraphJob, n_sample: int, index: int) -> dict[str, Any]:
 
     t = pa.concat_tables([read_parquet(job.work("recall", part_name(b))) for b in range(len(job.blocks))])
     kind, src, dst, score = (t[c].to_numpy() for c in ("kind", "src", "dst", "score"))
-    es, ed, _ = top_k_edges(src[kind == 0], dst[kind == 0], score[kind == 0], job.cfg.k)
+    es, ed, _ = top_k_edges(src[kind == 0], dst[kind == 0], score[kind == 0], job.edge_k)
     exact = set(zip(es.tolist(), ed.tolist()))
     found = set(zip(src[kind == 1].tolist(), dst[kind == 1].tolist()))
     stats = {"part": index, "in": n_sample, "out": len(exact),
@@ -243,10 +268,16 @@ def write_part(job: GraphJob, index: int) -> dict[str, Any]:
     best = read_parquet(job.work("best", part_name(index)), schema=BEST)
     score = best["best"].to_numpy()
     partner_uid = best["partner_uid"].to_pylist()
+    if job.verify:  # nearest = the best-scoring verified copy
+        from curation.stages.verify_steps import verified_partner
+
+        _, verified = verified_partner(job, index)
+    else:
+        verified = [u if s > cfg.threshold else None for u, s in zip(partner_uid, score)]
     for p in range(p0, p1):
         a, b = job.part_starts[p] - s0, job.part_starts[p + 1] - s0
         uids = read_parquet(job.part_urls[p], columns=["uid"])["uid"].to_pylist()
-        nearest = [u if s > cfg.threshold else None for u, s in zip(partner_uid[a:b], score[a:b])]
+        nearest = verified[a:b]
         table = pa.table({
             "uid": pa.array(uids, pa.string()),
             "component": pa.array(label[a:b], pa.int64()),

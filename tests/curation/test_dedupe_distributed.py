@@ -87,7 +87,9 @@ def _dedup(run: str) -> pa.Table:
 
 
 def _config(*overrides: tuple[str, object]) -> RunConfig:
+    """A run config in the single-threshold mode (synthetic vectors have no images to verify)."""
     cfg = RunConfig()
+    cfg.dedupe.verify = False
     for key, value in overrides:
         obj = cfg.dedupe
         *path, leaf = key.split(".")
