@@ -248,7 +248,7 @@ class DedupeConfig:
     block_rows: int = 65_536
     """Memory bound of every dedupe task: vectors per block (reduce, components, keep, write), per IVF list
     group (join) and, divided by 8, per exact-plan tile. A task holds O(block_rows x (dim + k)) numbers."""
-    replicas: int = 2
+    replicas: int = 3
     """IVF plan (pools above ``index.exact_max``): each vector goes to its ``replicas`` nearest coarse lists and
     pairs are scored inside every list, so two copies are found when they share one of those lists. Higher =
     better recall, cost grows with replicas^2."""

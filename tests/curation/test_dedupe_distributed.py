@@ -214,7 +214,7 @@ def test_ivf_plan_recall_and_bounded_difference(tmp_path):
     synthetic_run(run, x, 250)
     cfg = _config(("index.exact_max", 1000), ("block_rows", 2000), ("list_rows", 400), ("k", 16))
     rec = DedupeStage(cfg, run).execute(LocalExecutor())
-    assert rec["plan"] == "ivf" and rec["nlist"] == 30 and rec["join_tasks"] > 1
+    assert rec["plan"] == "ivf" and rec["nlist"] == 45 and rec["join_tasks"] > 1
     assert rec["edge_recall"] >= 0.99 and rec["recall_exact_edges"] > 50
     stored, area = _stored(run)
     exact = copy_detect(stored, k=16, threshold=0.6, priority=area, index=IndexConfig(kind="flat"))
