@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageEnhance, ImageOps
 
 from curation.ray.local_cluster import process_tree, stop_processes
+from curation.stages.base import LocalExecutor
 
 __all__ = ["process_tree", "stop_processes"]  # re-exported: Ray-stopping helpers live with the cluster harness
 
@@ -119,3 +120,20 @@ def crash_once_descriptor(cfg, device):
             return super().embed(batch)
 
     return CrashOnce()
+
+
+class Killed(RuntimeError):
+    """Raised by :class:`DyingExecutor` in place of a killed driver."""
+
+
+class DyingExecutor(LocalExecutor):
+    """Raises :class:`Killed` (like a killed driver) once ``after`` parts of the step named ``step`` finished."""
+
+    def __init__(self, step: str, after: int) -> None:
+        self.step, self.after = step, after
+
+    def map(self, fn, items, *, desc, num_cpus=1):
+        for i, item in enumerate(items):
+            if desc.endswith(":" + self.step) and i == self.after:
+                raise Killed(desc)
+            yield fn(item)

@@ -22,6 +22,8 @@ from curation.io.parts import part_name
 from curation.stages import EmbedStage, IngestStage, LocalExecutor
 from curation.stages.dedupe import DedupeStage
 
+from .conftest import DyingExecutor, Killed
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
@@ -226,21 +228,6 @@ def test_ivf_plan_recall_and_bounded_difference(tmp_path):
     assert len(found & planted_pairs) >= 0.99 * len(planted_pairs)
 
 
-class _Killed(RuntimeError):
-    pass
-
-
-class _DyingExecutor(LocalExecutor):
-    """Raises (like a killed driver) once ``after`` parts of the named step have finished."""
-
-    def __init__(self, step: str, after: int) -> None:
-        self.step, self.after = step, after
-
-    def map(self, fn, items, *, desc, num_cpus=1):
-        for i, item in enumerate(items):
-            if desc.endswith(self.step) and i == self.after:
-                raise _Killed(desc)
-            yield fn(item)
 
 
 @pytest.mark.parametrize("step,after", [("join", 3), ("cc-dup-r1", 1), ("resolve", 1)])
@@ -251,8 +238,8 @@ def test_killed_dedupe_resumes_to_identical_outputs(tmp_path, step, after):
     synthetic_run(ref_run, x, 100)
     synthetic_run(run, x, 100)
     DedupeStage(cfg, ref_run).execute(LocalExecutor())
-    with pytest.raises(_Killed):
-        DedupeStage(cfg, run).execute(_DyingExecutor(step, after))
+    with pytest.raises(Killed):
+        DedupeStage(cfg, run).execute(DyingExecutor(step, after))
     rec = DedupeStage(cfg, run).execute(LocalExecutor())
     assert rec["parts_skipped"] >= after
     assert _dedup(run).equals(_dedup(ref_run))

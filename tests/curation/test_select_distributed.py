@@ -29,6 +29,8 @@ from curation.stages.quota import LeafKeys, quota_thresholds
 from curation.stages.retrieve import SeedEmbedStage, SeedIngestStage, seed_prefix
 from pretrain.utils.config import load_config
 
+from .conftest import DyingExecutor, Killed
+
 DIM = 24
 GROUPS = (300, 160, 80, 40, 20)
 
@@ -89,21 +91,6 @@ def _parts(run: str, subdir: str, n: int) -> pa.Table:
     return pa.concat_tables([read_parquet(f"{run}/{subdir}/{part_name(i)}") for i in range(n)])
 
 
-class _Killed(RuntimeError):
-    pass
-
-
-class _DyingExecutor(LocalExecutor):
-    """Raises (like a killed driver) once ``after`` parts of the named step have finished."""
-
-    def __init__(self, step: str, after: int) -> None:
-        self.step, self.after = step, after
-
-    def map(self, fn, items, *, desc, num_cpus=1):
-        for i, item in enumerate(items):
-            if desc.endswith(f":{self.step}") and i == self.after:
-                raise _Killed(desc)
-            yield fn(item)
 
 
 # ------------------------------------------------------------------ quota thresholds
@@ -323,8 +310,8 @@ def test_killed_run_resumes_to_identical_outputs(finished, tmp_path, monkeypatch
     root, cfg = finished
     run, ref = str(tmp_path / "run"), str(root / "ref")
     shutil.copytree(root / "base", run)
-    with pytest.raises(_Killed):
-        run_stages(cfg, run, _DyingExecutor(step, after))
+    with pytest.raises(Killed):
+        run_stages(cfg, run, DyingExecutor(step, after))
     recs = run_stages(cfg, run, LocalExecutor())
     assert recs["cluster" if step in ("balance-r1", "pick") else "retrieve"]["parts_skipped"] >= after
     crec, rrec = read_json(f"{run}/clusters/_SUCCESS.json"), read_json(f"{run}/selection/_SUCCESS.json")

@@ -22,7 +22,7 @@ from curation.stages.shard import ShardStage
 from curation.stages.shard_plan import fine_bucket, parquet_rows
 from pretrain.utils.config import load_config
 
-from .conftest import jpeg_bytes, photos
+from .conftest import DyingExecutor, Killed, jpeg_bytes, photos
 
 CLASSES = ["animals", "objects", "scenes"]
 
@@ -120,21 +120,6 @@ def test_unshuffled_groups_keep_global_uid_order(pool, tmp_path):
     assert rec["shard"]["groups"] > 2 and keys == sorted(keys)
 
 
-class _Killed(RuntimeError):
-    pass
-
-
-class _DyingExecutor(LocalExecutor):
-    """Raises (like a killed driver) once ``after`` parts of the named step have finished."""
-
-    def __init__(self, step: str, after: int) -> None:
-        self.step, self.after = step, after
-
-    def map(self, fn, items, *, desc, num_cpus=1):
-        for i, item in enumerate(items):
-            if desc.endswith(":" + self.step) and i == self.after:
-                raise _Killed(desc)
-            yield fn(item)
 
 
 @pytest.mark.parametrize("step,after", [("lineage", 1), ("join", 3), ("plan", 2), ("shard", 3)])
@@ -143,8 +128,8 @@ def test_killed_grouped_plan_resumes_to_identical_shards(pool, tmp_path, step, a
     cfg = _config(src, "shard.group_rows=9")
     ref, run = _fresh(pool, tmp_path, "ref"), _fresh(pool, tmp_path, "run")
     run_stages(cfg, ref, LocalExecutor(), ["shard"])
-    with pytest.raises(_Killed):
-        run_stages(cfg, run, _DyingExecutor(step, after), ["shard"])
+    with pytest.raises(Killed):
+        run_stages(cfg, run, DyingExecutor(step, after), ["shard"])
     assert not os.path.exists(f"{run}/shards/_SUCCESS.json")
     rec = run_stages(cfg, run, LocalExecutor(), ["shard"])["shard"]
     assert rec["parts_skipped"] >= after
