@@ -1,7 +1,8 @@
 """Connect to (or start) Ray for a run and hand back the executor.
 
 ``ray.address`` empty: inside ``ray job submit`` (``RAY_ADDRESS`` set by Ray) join that cluster, otherwise
-start an in-process Ray on this machine. ``auto`` or ``ray://host:10001`` connect to a running cluster.
+start an in-process Ray on this machine, whose processes die with this one
+(:mod:`curation.ray.watchdog`). ``auto`` or ``ray://host:10001`` connect to a running cluster.
 ``none`` runs everything in this process without Ray (debugging).
 """
 
@@ -10,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from curation.config import RayConfig
+from curation.ray.watchdog import fate_share
 from curation.stages.base import Executor, LocalExecutor
 
 __all__ = ["executor_for"]
@@ -30,24 +32,21 @@ def executor_for(cfg: RayConfig) -> Iterator[Executor]:
 
     from curation.ray.executor import RayExecutor
 
-    started = False
-    if not ray.is_initialized():
-        env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
-        if cfg.address:
-            log.info("connecting to Ray at %s", cfg.address)
-            ray.init(address=cfg.address, log_to_driver=True)
-        elif os.environ.get("RAY_ADDRESS"):
-            log.info("joining the Ray cluster of this job (RAY_ADDRESS=%s)", os.environ["RAY_ADDRESS"])
-            ray.init(log_to_driver=True)
-        else:
-            log.info("starting an in-process Ray (num_cpus=%s)", cfg.num_cpus or "all")
-            ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False, runtime_env=env)
-        started = True
-    try:
+    with ExitStack() as stack:
+        if not ray.is_initialized():
+            env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
+            if cfg.address:
+                log.info("connecting to Ray at %s", cfg.address)
+                ray.init(address=cfg.address, log_to_driver=True)
+            elif os.environ.get("RAY_ADDRESS"):
+                log.info("joining the Ray cluster of this job (RAY_ADDRESS=%s)", os.environ["RAY_ADDRESS"])
+                ray.init(log_to_driver=True)
+            else:
+                log.info("starting an in-process Ray (num_cpus=%s)", cfg.num_cpus or "all")
+                stack.enter_context(fate_share())  # its workers and agents die with this process, even by SIGKILL
+                ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False, runtime_env=env)
+            stack.callback(ray.shutdown)  # before the watchdog is told to stop
         yield RayExecutor(cfg.max_in_flight)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _pythonpath() -> str:

@@ -1,5 +1,5 @@
 """Kill-and-resume: a driver SIGKILLed mid-embed and a Ray worker dying mid-part both end in outputs identical
-to an uninterrupted run, and finished parts are not recomputed."""
+to an uninterrupted run, and finished parts are not recomputed; a killed driver's in-process Ray dies with it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from curation.config import RunConfig
 from curation.stages import LocalExecutor, run_stages
 from pretrain.utils.config import load_config
 
-from .conftest import REPO, stop_processes, write_copy_corpus
+from .conftest import REPO, process_tree, stop_processes, write_copy_corpus
 
 
 def _session(sid: int) -> set[int]:
@@ -45,6 +45,16 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
     assert not _session(sid), f"processes of session {sid} survived"
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """The pids of ``pids`` still running (a zombie counts as gone)."""
+    out = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                out.add(pid)
+    return out
 
 
 def _parquets(run_dir: str) -> dict[str, bytes]:
@@ -76,8 +86,15 @@ def test_driver_sigkill_mid_embed_resumes_without_recomputing(tmp_path):
         while time.time() < deadline and len(list(markers.glob("part-*.json"))) < 2:
             assert driver.poll() is None, "driver ended before it could be killed"
             time.sleep(0.05)
-        kill_session(driver.pid)  # the driver, its Ray and every worker (all in the driver's session), mid-embed
+        ray_procs = (process_tree([ray_tmp]) | _session(driver.pid)) - {driver.pid}
+        assert len(ray_procs) >= 5  # GCS, raylet, agents, workers
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, mid-embed: its Ray must not outlive it
         driver.wait()
+        deadline = time.time() + 10
+        while _alive(ray_procs) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(ray_procs), f"Ray processes outlived their driver: {sorted(_alive(ray_procs))}"
+        assert not process_tree([ray_tmp]) and not _session(driver.pid)
         done_before = sorted(p.name for p in markers.glob("part-*.json"))
         assert 2 <= len(done_before) < 5 and not (run / "embeddings" / "_SUCCESS.json").exists()
         finished = {n: (run / "embeddings" / n.replace(".json", ".parquet")).stat().st_mtime_ns for n in done_before}
@@ -87,6 +104,7 @@ def test_driver_sigkill_mid_embed_resumes_without_recomputing(tmp_path):
         # (the Ray path of a rerun is the same run_parts skipping, covered with Ray by the worker-kill test).
         subprocess.run([*cmd, "--address", "none"], cwd=REPO, env=env, check=True, timeout=300, capture_output=True)
     finally:
+        kill_session(driver.pid)
         stop_processes([ray_tmp])
         shutil.rmtree(ray_tmp, ignore_errors=True)
     embed = json.loads((run / "embeddings" / "_SUCCESS.json").read_text())
