@@ -1,23 +1,23 @@
-"""Ray executor: parts as Ray tasks (bounded in flight, retried), model workers as a Ray Data actor pool.
+"""Ray executor: parts as Ray tasks (bounded in flight, retried), model workers as a pool of Ray actors.
 
 Every part result comes back with ``peak_rss_mb`` (peak RSS of the worker process) and ``node_id``.
 
 ``map`` submits one task per part with ``max_retries`` so a killed worker's part is simply run again (the part
-writes atomically and its marker last, so a retry is harmless). ``map_actors`` runs
-``ray.data.from_items(parts).map_batches(<worker class>, batch_size=1, concurrency=N, num_gpus=...)``: each actor
-builds its worker (loads the model) once in its constructor; actors are restarted and their part retried if
-they die.
+writes atomically and its marker last, so a retry is harmless). ``map_actors`` starts ``concurrency`` actors
+(``num_cpus``/``num_gpus`` each) and keeps one part in flight per actor; each actor builds its worker (loads the
+model) on its first part. Actors are restarted and their part retried if they die (``max_restarts=-1``,
+``max_task_retries=-1``). The factory travels with each call (one ``ray.put``), not as a constructor argument:
+Ray logs an error for every restartable actor whose constructor arguments live in the object store (Ray Data's
+``map_batches`` actor pool does that on every run), because a lost argument would make the restart fail.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import ray
 from tqdm.auto import tqdm
 
@@ -37,15 +37,16 @@ def _call(fn: Callable[[Any], Any], item: Any) -> Any:
     return _measured(fn(item))
 
 
-class _ActorWorker:
-    """Ray Data callable class: builds the worker once, then maps ``{"item": [...]}`` batches through it."""
+class _PoolWorker:
+    """Ray actor of :meth:`RayExecutor.map_actors`: builds the worker from the factory on its first part."""
 
-    def __init__(self, factory: Callable[[], Callable[[Any], dict[str, Any]]]) -> None:
-        self.worker = factory()
+    def __init__(self) -> None:
+        self.worker: Callable[[Any], dict[str, Any]] | None = None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [json.dumps(_measured(self.worker(int(i)))) for i in batch["item"]]
-        return {"result": np.array(results, dtype=object)}
+    def run(self, factory: Callable[[], Callable[[Any], dict[str, Any]]], item: Any) -> dict[str, Any]:
+        if self.worker is None:  # once per actor process, again after a restart
+            self.worker = factory()
+        return _measured(self.worker(item))
 
 
 class RayExecutor(Executor):
@@ -80,19 +81,25 @@ class RayExecutor(Executor):
                     yield ray.get(ref)
 
     def map_actors(self, factory, items: Sequence[int], *, desc, concurrency, num_cpus=1, num_gpus=0):
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ds = ray.data.from_items([{"item": int(i)} for i in items], override_num_blocks=max(1, len(items)))
-        ds = ds.map_batches(
-            _ActorWorker,
-            fn_constructor_args=(factory,),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-        )  # Ray Data restarts dead actors and retries their part (max_restarts=-1, max_task_retries=-1)
-        log.info("%s: %d parts on %d actors (%s CPU, %s GPU each)", desc, len(items), concurrency, num_cpus, num_gpus)
-        with tqdm(total=len(items), desc=desc, unit="part", leave=False) as bar:
-            for row in ds.iter_rows():
-                bar.update(1)
-                yield json.loads(row["result"])
+        cls = ray.remote(_PoolWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
+                                              max_task_retries=-1)  # fmt: skip
+        queue = deque(items)
+        actors = [cls.remote() for _ in range(max(1, min(concurrency, len(queue))))]
+        log.info("%s: %d parts on %d actors (%s CPU, %s GPU each)", desc, len(items), len(actors), num_cpus, num_gpus)
+        factory_ref = ray.put(factory)
+        pending: dict[ray.ObjectRef, Any] = {}
+        try:
+            with tqdm(total=len(queue), desc=desc, unit="part", leave=False) as bar:
+                idle = list(actors)
+                while queue or pending:
+                    while queue and idle:
+                        actor = idle.pop()
+                        pending[actor.run.remote(factory_ref, queue.popleft())] = actor
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in ready:
+                        idle.append(pending.pop(ref))
+                        bar.update(1)
+                        yield ray.get(ref)
+        finally:
+            for actor in actors:  # free their CPUs/GPUs now, not when the handles are collected
+                ray.kill(actor)
