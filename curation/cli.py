@@ -13,7 +13,7 @@ from curation.config import RunConfig
 from curation.io.fs import atomic_write_bytes, join
 from pretrain.utils.config import dump_toml, load_config, to_dict
 
-__all__ = ["lineage_cmd", "load_run_config", "main", "run_cmd", "stage_cmd"]
+__all__ = ["lineage_cmd", "load_run_config", "main", "run_cmd", "stage_cmd", "stage_status"]
 
 log = logging.getLogger("curation")
 
@@ -35,15 +35,28 @@ def _execute(config: RunConfig, out: str, names: list[str]) -> dict[str, Any]:
     atomic_write_bytes(join(out, "config.toml"), dump_toml(to_dict(config)).encode())
     with executor_for(config.ray) as executor:
         records = run_stages(config, out, executor, names)
+    summary = {}
     for name, rec in records.items():
-        log.info("%s: in=%s out=%s rejected=%s (%ss)", name, rec.get("in"), rec.get("out"), rec.get("rejected"),
-                 rec.get("seconds"))  # fmt: skip
-    return records
+        status = stage_status(rec)
+        log.info("%s: %s: in=%s out=%s rejected=%s (%ss%s)", name, status, rec.get("in"), rec.get("out"),
+                 rec.get("rejected"), rec.get("seconds"), ", earlier" if rec.get("skipped") else "")  # fmt: skip
+        summary[name] = {"status": status, **rec}
+    return summary
+
+
+def stage_status(rec: dict[str, Any]) -> str:
+    """What this invocation did for a stage, from the record ``Stage.execute`` returned: ``ran``, ``resumed (N of
+    M parts skipped)`` (parts finished by an earlier, interrupted invocation) or ``already finished``."""
+    if rec.get("skipped"):
+        return "already finished"
+    skipped, parts = int(rec.get("parts_skipped") or 0), int(rec.get("parts") or 0)
+    return f"resumed ({skipped} of {parts} parts skipped)" if skipped else "ran"
 
 
 def run_cmd(recipe: str, out: str, overrides: Sequence[str] = (), address: str | None = None) -> dict[str, Any]:
     """Run every stage of RECIPE in order into the run directory OUT (any fsspec URL); finished stages and
-    parts are skipped, so rerunning a killed run resumes it."""
+    parts are skipped, so rerunning a killed run resumes it. Each stage's record says what this invocation did
+    (``status``: ran, resumed (N of M parts skipped), already finished)."""
     config = load_run_config(recipe, overrides, address)
     return _execute(config, out, list(config.stages))
 

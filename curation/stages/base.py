@@ -170,12 +170,14 @@ class Stage(ABC):
         return self.store.success(self.config_hash) is not None
 
     def execute(self, executor: Executor) -> dict[str, Any]:
-        """Run unless already finished; write and return the ``_SUCCESS.json`` record."""
+        """Run unless already finished; write and return the ``_SUCCESS.json`` record. The record of a stage that
+        had already finished is returned with ``"skipped": True`` (not written to the file): its ``seconds`` and
+        ``parts_computed`` are those of the run that did the work."""
         label = f"{self.prefix}/{self.name}" if self.prefix else self.name
         done = self.store.success(self.config_hash)
         if done is not None:
             log.info("stage %s already finished (%s), skipping", label, self.store.success_url)
-            return done
+            return {**done, "skipped": True}
         for req in self.requires:
             req_stage = STAGES[req](self.config, self.run_dir, self.prefix)
             if not req_stage.is_done():
