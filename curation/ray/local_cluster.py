@@ -12,6 +12,9 @@ rename themselves ``ray::...``) and terminated, then killed after a grace period
     with LocalRayCluster(workers=2, cpus_per_node=1) as cluster:
         proc = cluster.submit(["run", "default", "--out", "/tmp/run"], timeout=300)
         print(cluster.process_peak_rss_mb())   # {"gcs": ..., "raylet": ..., "worker": ..., "driver": ...}
+
+From a shell, ``python -m curation.ray.local_cluster stop /tmp/myray`` stops a head started with
+``--temp-dir /tmp/myray`` the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["REPO", "LocalRayCluster", "free_ports", "process_roles", "process_tree", "stop_processes"]
+__all__ = ["REPO", "LocalRayCluster", "free_ports", "main", "process_roles", "process_tree", "stop_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +94,32 @@ def _matcher(markers: Sequence[str]) -> re.Pattern[str]:
     return re.compile("|".join(re.escape(m) + r"(?!\d)" for m in markers))
 
 
+def _ancestors(table: dict[int, tuple[int, str]]) -> set[int]:
+    """This process and its ancestors (a shell whose command line names a marker is not the cluster's)."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        pid = table[pid][0] if pid in table else 1
+    return out
+
+
 def _tree(table: dict[int, tuple[int, str]], markers: Sequence[str]) -> set[int]:
     pattern = _matcher(markers)
-    found = {pid for pid, (_, cmd) in table.items() if pattern.search(cmd) and pid != os.getpid()}
+    mine = _ancestors(table)
+    found = {pid for pid, (_, cmd) in table.items() if pattern.search(cmd) and pid not in mine}
     grew = True
     while grew:
         grew = False
         for pid, (ppid, _) in table.items():
-            if ppid in found and pid not in found:
+            if ppid in found and pid not in found and pid not in mine:
                 found.add(pid)
                 grew = True
     return found
 
 
 def process_tree(markers: Sequence[str]) -> set[int]:
-    """Pids whose command line contains one of ``markers`` (a private temp dir or port), plus descendants."""
+    """Pids whose command line contains one of ``markers`` (a private temp dir or port), plus descendants; never
+    this process or its ancestors."""
     return _tree(_process_table(), markers)
 
 
@@ -352,3 +366,25 @@ class LocalRayCluster:
             for role, peak in self._peaks.values():
                 out[role] = round(max(out.get(role, 0.0), peak), 1)
         return {r: out[r] for r in ROLES if r in out}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m curation.ray.local_cluster stop MARKER...``: stop the Ray processes whose command line names a
+    marker (a head's ``--temp-dir`` or its GCS ``127.0.0.1:PORT``) and their descendants, nothing else."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0] != "stop":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    table = _process_table()
+    markers = args[1:]
+    named = {gcs for pid in _tree(table, markers) for gcs in re.findall(r"--gcs[-_]address=(\S+)", table[pid][1])}
+    markers += sorted(named - set(markers))  # a head's Ray client server names only its GCS address
+    found = process_tree(markers)
+    stop_processes(markers)
+    left = process_tree(markers)
+    print(f"stopped {len(found - left)} processes" + (f"; still running: {sorted(left)}" if left else ""))
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
