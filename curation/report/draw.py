@@ -6,12 +6,13 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-__all__ = ["bar_chart", "caption_tile", "font", "grid_rows", "thumbnail"]
+__all__ = ["bar_chart", "caption_tile", "font", "grid_rows", "histogram", "pair_tile", "thumbnail"]
 
 BG = (255, 255, 255)
 FG = (40, 40, 40)
 BAR = (66, 110, 180)
 GRID = (225, 225, 225)
+MARK = (200, 40, 40)
 
 
 def font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -115,3 +116,77 @@ def grid_rows(rows: Sequence[tuple[str, Sequence[Image.Image]]], *, pad: int = 4
         for c, t in enumerate(tiles):
             img.paste(t, (label_w + c * (tw + pad), y))
     return img
+
+
+def histogram(series: Sequence[tuple[str, Sequence[int], tuple[int, int, int]]], edges: Sequence[float], *,
+              marks: Sequence[tuple[str, float]] = (), title: str = "", width: int = 720,
+              height: int = 300) -> Image.Image:  # fmt: skip
+    """Counts per bin (``len(edges) - 1`` bins) of one or more ``(label, counts, colour)`` series, stacked, on an
+    x axis of scores; every ``(label, x)`` of ``marks`` is a vertical red line with its label (a threshold)."""
+    img = Image.new("RGB", (width, height), BG)
+    d = ImageDraw.Draw(img)
+    f, fs = font(13), font(10)
+    left, right, top, bottom = 60, 12, 52 if title else 28, 30
+    if title:
+        d.text((left, 6), title, fill=FG, font=f)
+    n = len(edges) - 1
+    totals = [sum(int(s[1][i]) for s in series) for i in range(n)]
+    step_y = _nice_step(max(totals + [1]) / 4)
+    vmax = 4 * step_y
+    plot_h, plot_w = height - top - bottom, width - left - right
+    lo, hi = float(edges[0]), float(edges[-1])
+
+    def x_of(v: float) -> float:
+        return left + plot_w * (min(max(v, lo), hi) - lo) / max(hi - lo, 1e-12)
+
+    for k in range(5):
+        y = top + plot_h - plot_h * k / 4
+        d.line([(left, y), (width - right, y)], fill=GRID)
+        d.text((4, y - 6), str(step_y * k), fill=FG, font=fs)
+    for i in range(n):
+        base = 0
+        for _, counts, color in series:
+            c = int(counts[i])
+            if c:
+                y0, y1 = top + plot_h - plot_h * (base + c) / vmax, top + plot_h - plot_h * base / vmax
+                d.rectangle([x_of(edges[i]) + 1, y0, max(x_of(edges[i]) + 1, x_of(edges[i + 1]) - 1), y1], fill=color)
+            base += c
+    d.line([(left, top + plot_h), (width - right, top + plot_h)], fill=FG)
+    step = 0.1 if hi - lo <= 1.01 else 0.2
+    t = lo
+    while t <= hi + 1e-9:
+        d.line([(x_of(t), top + plot_h), (x_of(t), top + plot_h + 4)], fill=FG)
+        d.text((x_of(t) - 8, top + plot_h + 6), f"{t:.1f}", fill=FG, font=fs)
+        t += step
+    for j, (label, v) in enumerate(marks):
+        x = x_of(v)
+        for y in range(top - 4, top + plot_h, 6):  # dashed
+            d.line([(x, y), (x, min(y + 3, top + plot_h))], fill=MARK, width=2)
+        d.text((min(x + 3, width - right - _text_w(d, label, fs)), top - 16 + 12 * (j % 2) - 12), label,
+               fill=MARK, font=fs)  # fmt: skip
+    x = width - right
+    for label, _, color in reversed(series):  # legend, right-aligned on the title line
+        x -= _text_w(d, label, fs) + 18
+        d.rectangle([x, 8, x + 10, 18], fill=color)
+        d.text((x + 13, 7), label, fill=FG, font=fs)
+    return img
+
+
+def _nice_step(raw: float) -> int:
+    """The smallest of 1, 2, 3, 5, 10, 20, 30, 50, ... at least ``raw`` (whole-number axis ticks)."""
+    base = 1
+    while True:
+        for m in (1, 2, 3, 5):
+            if base * m >= raw:
+                return base * m
+        base *= 10
+
+
+def pair_tile(a: Image.Image | None, b: Image.Image | None, size: int, caption: str,
+              borders: tuple[tuple[int, int, int] | None, tuple[int, int, int] | None] = (None, None)
+              ) -> Image.Image:  # fmt: skip
+    """Two thumbnails side by side (``size`` each, a 2-pixel gap) with one caption line below them."""
+    out = Image.new("RGB", (2 * size + 2, size), BG)
+    out.paste(thumbnail(a, size, borders[0]), (0, 0))
+    out.paste(thumbnail(b, size, borders[1]), (size + 2, 0))
+    return caption_tile(out, caption)

@@ -1,17 +1,24 @@
 """Report stage: ``report/index.html`` plus PNGs, self-contained (no script, no network), from a run's outputs.
 
-Sections (each present when the stage it draws on finished in the run): the funnel (images per stage) and the
-rejects by reason; level-1 cluster sizes before and after balanced sampling; montages of the largest, smallest
-and random clusters; the largest copy-detection groups side by side (kept image green, dropped copies red, with
-their similarity); the retrieval neighbourhoods of random seeds (seed blue, retrieved pool images by score); and
-a table of every stage's counts and timings. Images are read back from their sources by manifest location.
+Sections (each present when the stage it draws on finished in the run): the run's settings (model, thresholds,
+k, balanced sample size, seed sets); the funnel in stage order (files read, accepted, embedded, kept, selected,
+sharded) and the rejects by reason; score histograms with the thresholds marked (each image's best score by kept
+or dropped; with verification, the candidate pairs' descriptor scores by verdict) and the image pairs just below
+and just above each threshold (with verification also the copies verified at the lowest scores and the
+look-alikes rejected at the highest); level-1 cluster sizes before and after balanced sampling; montages of the
+largest, smallest and random clusters; the largest copy-detection groups side by side (kept image green, dropped
+copies red, with their similarity); the retrieval neighbourhoods of random seeds (seed blue, retrieved pool images
+by score) and the worst retrievals of every seed set; and a table of every stage's counts and timings. Numbers
+are HTML tables. Images are read back from their sources by manifest location.
 
 **Memory contract.** The pool is only read by per-part tasks (:mod:`curation.stages.report_data`): cluster
 sizes and copy-detection component sizes are aggregated from per-part counts (components through a bucketed
 shuffle to the part holding their first member), montage and duplicate-group members are drawn by rank or by
-order and fetched from the parts holding them. No process holds more than one part of ``clusters/assign/`` or
-``dedup/`` plus the shown images, the level-1 cluster sizes and, for the retrieval section, the seed list. No
-knob: the bounds follow the part sizes of the stages read.
+order and fetched from the parts holding them; score histograms are fixed bins summed over per-part counts and
+the borderline pairs are per-part top-m lists merged (:mod:`curation.stages.report_scores`). No process holds
+more than one part of ``clusters/assign/``, ``dedup/``, ``verify/`` or ``retrieval/`` plus the shown images, the
+level-1 cluster sizes and, for the retrieval section, the seed list. No knob: the bounds follow the part sizes
+of the stages read.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ from curation.io.artifacts import (
 from curation.io.fs import atomic_write_bytes, exists, get_fs, join, read_json, read_parquet
 from curation.io.parts import PartStore, part_name
 from curation.io.sources import read_location
-from curation.report.draw import bar_chart, caption_tile, grid_rows, thumbnail
+from curation.report.draw import bar_chart, caption_tile, grid_rows, histogram, pair_tile, thumbnail
+from curation.report.tables import funnel_steps, html_table, settings_rows, stage_rows
 from curation.stages.base import Executor, Stage, register_stage
 from curation.stages.report_data import (
     cluster_members,
@@ -49,6 +57,7 @@ from curation.stages.report_data import (
     largest_components,
     retrieval_hits,
 )
+from curation.stages.report_scores import dedup_scores, score_edges, verify_scores, worst_retrievals
 
 __all__ = ["ImageReader", "ReportStage"]
 
@@ -125,8 +134,9 @@ class ReportStage(Stage):
     def run(self, executor: Executor) -> dict[str, Any]:
         self.rng = np.random.default_rng(self.config.seed)
         recs = {s: self._success(s) for s in _STAGES}
-        sections = [self._funnel(recs), self._cluster_sizes(recs), self._montages(recs, executor),
-                    self._duplicates(recs, executor), self._retrieval(recs), self._table(recs)]  # fmt: skip
+        sections = [self._settings(recs), self._funnel(recs), self._scores(recs, executor), self._cluster_sizes(recs),
+                    self._montages(recs, executor), self._duplicates(recs, executor), self._retrieval(recs),
+                    self._worst_retrievals(recs, executor), self._table(recs)]  # fmt: skip
         body = "\n".join(s for s in sections if s)
         page = _PAGE.format(title=html.escape(f"Curation report: {self.config.name}"),
                             run=html.escape(self.run_dir), body=body)  # fmt: skip
@@ -138,40 +148,71 @@ class ReportStage(Stage):
 
     # sections -----------------------------------------------------------------------------------------------
 
+    def _settings(self, recs: dict[str, Any]) -> str:
+        rows = settings_rows(self.config, {name for name, r in recs.items() if r})
+        return "<h2>Settings</h2>" + html_table(["stage", "setting", "value"], rows, "settings")
+
     def _funnel(self, recs: dict[str, Any]) -> str:
-        steps: list[tuple[str, int]] = []
+        steps = funnel_steps(recs)
         rejects: dict[str, int] = {}
-        ing = recs["ingest"]
-        if ing:
-            steps += [("source files", ing["in"]), ("unique images", ing["out"])]
-            rejects.update({f"ingest: {k}": v for k, v in ing["rejected"].items()})
-            rejects["ingest: exact duplicate"] = ing.get("duplicates", 0)
-        if recs["embed"]:
-            steps.append(("embedded", recs["embed"]["out"]))
-            rejects.update({f"embed: {k}": v for k, v in recs["embed"]["rejected"].items()})
-        if recs["dedupe"]:
-            steps.append(("kept (dedupe)", recs["dedupe"]["out"]))
-            rejects.update({f"dedupe: {k}": v for k, v in recs["dedupe"]["rejected"].items()})
-        if recs["cluster"]:
-            steps.append(("clustered", recs["cluster"]["out"]))
-            if recs["cluster"].get("balanced") is not None:
-                steps.append(("balanced sample", recs["cluster"]["balanced"]))
-        if recs["retrieve"]:
-            steps.append(("selected", recs["retrieve"]["out"]))
-        if recs["shard"]:
-            steps.append(("sharded", recs["shard"]["out"]))
-        funnel = self._write("funnel.png", bar_chart([v for _, v in steps], [k for k, _ in steps],
-                                                     title="Images per stage"))  # fmt: skip
+        for stage, rec in recs.items():
+            dropped = {**(rec or {}).get("rejected", {}), **({"exact duplicate": rec.get("duplicates", 0)}
+                                                             if stage == "ingest" and rec else {})}  # fmt: skip
+            rejects.update({f"{stage}: {k}": int(v) for k, v in dropped.items()})
+        funnel = self._write("funnel.png", bar_chart([n for _, n, _ in steps], [k for k, _, _ in steps],
+                                                     title="Images at each step, in stage order"))  # fmt: skip
         rej = self._write("rejects.png", bar_chart(list(rejects.values()), list(rejects), title="Dropped, by reason",
                                                    color=(190, 90, 60)))  # fmt: skip
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in steps)
-        rrows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rejects.items())
         reasons = ""
         if recs["retrieve"]:
-            reasons = "<p>Selection by reason: " + html.escape(str(recs["retrieve"].get("reasons"))) + "</p>"
-        return (f"<h2>Funnel</h2><img src='{funnel}'><img src='{rej}'>{reasons}"
-                f"<table><tr><th>stage</th><th>images</th></tr>{rows}</table>"
-                f"<table><tr><th>dropped</th><th>images</th></tr>{rrows}</table>")  # fmt: skip
+            reasons = html_table(["selected because", "images"], list((recs["retrieve"].get("reasons") or {}).items()))
+        return (f"<h2>Funnel</h2><img src='{funnel}'><img src='{rej}'>"
+                + html_table(["step", "images", "dropped on the way (why)"], steps, "funnel")
+                + html_table(["dropped", "images"], list(rejects.items())) + reasons)  # fmt: skip
+
+    def _scores(self, recs: dict[str, Any], executor: Executor) -> str:
+        d, cfg, rec = self.config.dedupe, self.config.report, recs["dedupe"]
+        verified = d.verify and rec.get("verified") is not None
+        thresholds = [d.candidate_threshold, d.threshold] if verified else [d.threshold]
+        marks = ([(f"candidates >= {d.candidate_threshold:g}", d.candidate_threshold),
+                  (f"single threshold {d.threshold:g} (not used)", d.threshold)] if verified
+                 else [(f"threshold {d.threshold:g}", d.threshold)])  # fmt: skip
+        edges, m = score_edges(thresholds), max(1, cfg.images_per_cluster // 2)
+        best = dedup_scores(executor, self.run_dir, int(rec["dedup_parts"]), edges, thresholds, m)
+        imgs = [self._write("scores_dedup.png", histogram(
+            [("kept", best["kept"], KEPT), ("dropped", best["dropped"], DROPPED)], edges, marks=marks,
+            title="Best score of each image to another (dedup/)"))]  # fmt: skip
+        rows: list[tuple[str, list[dict[str, Any]]]] = []
+        if verified:
+            ver = verify_scores(executor, self.run_dir, int(rec.get("blocks", 1)), edges, thresholds, m)
+            imgs.append(self._write("scores_verify.png", histogram(
+                [("copy (verified)", ver["copy"], KEPT), ("not a copy", ver["not"], DROPPED)], edges, marks=marks,
+                title="Candidate pairs by descriptor score, by verdict (verify/)")))  # fmt: skip
+            names = {f"{d.candidate_threshold:g}": "candidate threshold", f"{d.threshold:g}": "single threshold"}
+            rows += [(f"just {k}\n({names[k.split()[1]]})", v) for k, v in ver["near"].items()]
+            rows += [("verified copies,\nlowest scores", ver["extremes"].get("copies", [])),
+                     ("rejected look-alikes,\nhighest scores", ver["extremes"].get("look-alikes", []))]  # fmt: skip
+        else:
+            rows += [(f"just {k}\n(threshold)", v) for k, v in best["near"].items()]
+        out = "<h2>Scores</h2>" + "".join(f"<img src='{i}'>" for i in imgs)
+        rows = [(label, pairs) for label, pairs in rows if pairs]
+        if not rows:
+            return out + "<p>No image pairs near the thresholds.</p>"
+        reader = ImageReader(self.run_dir, "", {u for _, ps in rows for p in ps for u in (p["uid"], p["other_uid"])},
+                             self.config.ingest.decode)  # fmt: skip
+        grid = [(label, [self._pair(reader.image(p["uid"], cfg.thumb), reader.image(p["other_uid"], cfg.thumb), p)
+                         for p in pairs]) for label, pairs in rows]  # fmt: skip
+        png = self._write("score_pairs.png", grid_rows(grid))
+        what = ("green: verified copy, red: not a copy; caption: descriptor score, inliers" if verified
+                else "caption: score of the image (left) to its nearest image (right)")  # fmt: skip
+        return out + f"<h3>Pairs near the thresholds</h3><p>{html.escape(what)}.</p><img src='{png}'>"
+
+    def _pair(self, a: Image.Image | None, b: Image.Image | None, p: dict[str, Any]) -> Image.Image:
+        thumb = self.config.report.thumb
+        if "verdict" not in p:
+            return pair_tile(a, b, thumb, f"{p['score']:.3f}")
+        color = KEPT if p["verdict"] else DROPPED
+        return pair_tile(a, b, thumb, f"{p['score']:.3f} {p['inliers']} inl.", (color, color))
 
     def _cluster_sizes(self, recs: dict[str, Any]) -> str:
         sizes = read_json(join(self.run_dir, CLUSTERS_DIR, "sizes.json")) if recs["cluster"] else None
@@ -263,24 +304,36 @@ class ReportStage(Stage):
             rows.append((f"{name}\n{su[:10]}", tiles))
         png = self._write("retrieval.png", grid_rows(rows))
         stats = recs["retrieve"].get("seed_sets", {})
-        lines = "".join(
-            f"<tr><td>{html.escape(n)}</td><td>{s['method']}</td><td>{s['seeds']}</td><td>{s['pairs']}</td>"
-            f"<td>{s['retrieved']}</td><td>{s['collided']}</td><td>{s['max_seeds_per_image']}</td></tr>"
-            for n, s in stats.items()
-        )
+        table = html_table(["seed set", "method", "seeds", "pairs", "distinct images", "collided",
+                            "max seeds per image"],
+                           [(n, s["method"], s["seeds"], s["pairs"], s["retrieved"], s["collided"],
+                             s["max_seeds_per_image"]) for n, s in stats.items()])  # fmt: skip
         return ("<h2>Retrieval</h2><p>Random seeds (blue) and the pool images they retrieved, best first.</p>"
-                f"<img src='{png}'><table><tr><th>seed set</th><th>method</th><th>seeds</th><th>pairs</th>"
-                f"<th>distinct images</th><th>collided</th><th>max seeds per image</th></tr>{lines}</table>")
+                f"<img src='{png}'>{table}")  # fmt: skip
+
+    def _worst_retrievals(self, recs: dict[str, Any], executor: Executor) -> str:
+        if not recs["retrieve"] or not exists(join(self.run_dir, "retrieval", part_name(0))):
+            return ""
+        cfg = self.config.report
+        n_parts = int(recs["retrieve"].get("retrieval_parts", 1))
+        worst = worst_retrievals(executor, self.run_dir, n_parts, max(1, cfg.images_per_cluster // 2))
+        if not worst:
+            return ""
+        decode = self.config.ingest.decode
+        pool = ImageReader(self.run_dir, "", {p["uid"] for ps in worst.values() for p in ps}, decode)
+        rows = []
+        for name, pairs in worst.items():
+            seeds = ImageReader(self.run_dir, f"seeds/{name}", {p["seed_uid"] for p in pairs}, decode)
+            rows.append((f"{name}\n{len(pairs)} lowest", [
+                pair_tile(seeds.image(p["seed_uid"], cfg.thumb), pool.image(p["uid"], cfg.thumb), cfg.thumb,
+                          f"{p['score']:.3f}", (SEED, None)) for p in pairs]))  # fmt: skip
+        png = self._write("retrieval_worst.png", grid_rows(rows))
+        return ("<h2>Worst retrievals</h2><p>The lowest-scoring (seed, retrieved image) pairs of each seed set "
+                f"(seed blue, left), lowest first.</p><img src='{png}'>")
 
     def _table(self, recs: dict[str, Any]) -> str:
-        rows = "".join(
-            f"<tr><td>{s}</td><td>{r.get('in')}</td><td>{r.get('out')}</td>"
-            f"<td>{html.escape(str(r.get('rejected')))}</td><td>{r.get('seconds')}</td><td>{r.get('items_per_s')}</td>"
-            f"<td>{r.get('parts_computed')}/{r.get('parts')}</td></tr>"
-            for s, r in recs.items() if r
-        )
-        return ("<h2>Stages</h2><table><tr><th>stage</th><th>in</th><th>out</th><th>rejected</th><th>seconds</th>"
-                f"<th>items/s</th><th>parts computed</th></tr>{rows}</table>")
+        header = ["stage", "in", "out", "dropped", "seconds", "items/s", "parts computed"]
+        return "<h2>Stages</h2>" + html_table(header, stage_rows(recs))
 
 
 _IMG = re.compile(r"<img src='([^']+)'>")
