@@ -136,7 +136,7 @@ def test_ingest_rerun_skips_finished_parts(corpus, tmp_path):
     changed = sorted(p.relative_to(tmp_path / "run").as_posix() for p in before if before[p] != after[p])
     assert changed == ["occurrences/part-00001.parquet", "rejects/part-00001.parquet"]
     again = IngestStage(cfg, run).execute(LocalExecutor())
-    assert again == rec  # finished stage: nothing recomputed, same record
+    assert again == {**rec, "skipped": True}  # finished stage: nothing recomputed, same record, marked skipped
     with pytest.raises(ValueError, match="another configuration"):
         IngestStage(_config(sources, "ingest.decode.min_side=8"), run).execute(LocalExecutor())
 
