@@ -161,9 +161,9 @@ class VerifyConfig:
     """Local-feature verification of candidate copy pairs (``curation.verify``): SIFT matches, then a geometric
     model constrained to plausible copy transforms fitted by RANSAC, also against the mirrored image."""
 
-    max_side: int = 512
+    max_side: int = 384
     """Images are downscaled (grayscale) so their long side is at most this before keypoint detection."""
-    max_features: int = 512
+    max_features: int = 384
     """Strongest SIFT keypoints kept per image (cost of matching grows with its square)."""
     contrast_threshold: float = 0.01
     """SIFT contrast threshold (OpenCV's, on a contrast-stretched image; lower finds keypoints in flatter, blurrier
@@ -231,6 +231,9 @@ class DedupeConfig:
     """With ``verify``: best-scoring candidates per image sent to verification."""
     verification: VerifyConfig = field(default_factory=VerifyConfig)
     """Local-feature verification settings (``curation.verify``)."""
+    verify_task_pairs: int = 1024
+    """With ``verify``: candidate pairs per verification task (about; a block's range is split into equal parts), so
+    verification of a pool smaller than ``block_rows`` still runs on every CPU."""
     decontam_threshold: float = 0.45
     """Cosine similarity above which a pool image matches a reference image (DINOv2: 0.45)."""
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -268,7 +271,7 @@ class DedupeConfig:
                 raise ValueError(f"dedupe.{name} must be a positive integer, got {v!r}")
         if isinstance(self.recall_sample, bool) or not isinstance(self.recall_sample, int) or self.recall_sample < 0:
             raise ValueError(f"dedupe.recall_sample must be an integer >= 0, got {self.recall_sample!r}")
-        _positive("dedupe", self, "max_candidates")
+        _positive("dedupe", self, "max_candidates", "verify_task_pairs")
         for name in ("threshold", "decontam_threshold", "candidate_threshold"):
             v = getattr(self, name)
             if not -1.0 <= v <= 1.0:

@@ -138,6 +138,9 @@ class GraphJob:
     ref_count: int = 0
     """Reference images (decontamination): they take node ids ``0..ref_count-1`` in the decontamination
     graph, pool vectors ``gid + ref_count``, so a component holds a reference iff its label is below it."""
+    verify_split: int = 1
+    """Verification tasks per block: each block's gid range is cut into this many equal ranges, so the candidate
+    pairs of a pool smaller than a block are still checked in parallel (``dedupe.verify_task_pairs``)."""
 
     @property
     def edge_threshold(self) -> float:
@@ -156,6 +159,19 @@ class GraphJob:
     @property
     def block_starts(self) -> np.ndarray:
         return np.array([self.part_starts[p0] for p0, _ in self.blocks] + [self.n], dtype=np.int64)
+
+    @property
+    def verify_starts(self) -> np.ndarray:
+        """First gid of every verification task's range (pairs go to the task of their smaller gid), plus n."""
+        b = self.block_starts
+        cuts = [np.linspace(b[i], b[i + 1], self.verify_split + 1).round().astype(np.int64)[:-1]
+                for i in range(len(b) - 1)]  # fmt: skip
+        return np.concatenate([*cuts, [self.n]]).astype(np.int64)
+
+    @property
+    def verify_tasks(self) -> int:
+        """Number of verification tasks."""
+        return len(self.blocks) * self.verify_split
 
     def work(self, *names: str) -> str:
         return join(self.store.work, *names)

@@ -32,6 +32,8 @@ part counts and task statistics only. ``block_rows`` bounds every task; ``replic
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -67,11 +69,15 @@ from curation.stages.dedupe_steps import (
 )
 from curation.stages.embed import EmbedStage
 from curation.stages.ingest import IngestStage
+from curation.stages.verify_features import features_part
 from curation.stages.verify_steps import locate_part, verify_part
 
 __all__ = ["DedupeStage", "reference_prefix"]
 
 log = logging.getLogger(__name__)
+
+#: Components listed with their weakest link in the stage stats (``largest_components``).
+LARGEST = 5
 
 
 def reference_prefix(name: str) -> str:
@@ -158,14 +164,26 @@ class DedupeStage(Stage):
         stats["join_tasks"] = n_join
         reduced = self.run_parts(executor, "reduce", n_blocks, partial(reduce_part, job, n_join, decontam))
         manifest = manifest_parts(PartStore(self.run_dir, "ingest", IngestStage.output, self.prefix))
+        cc_inputs = None
         if cfg.verify:
+            n_cand = sum(int(p["candidates"]) for p in reduced)
+            job = replace(job, verify_split=max(1, -(-n_cand // (cfg.verify_task_pairs * n_blocks))))
+            t_verify = time.perf_counter()
             self.run_parts(executor, "locate", n_blocks, partial(locate_part, job, manifest))
-            checked = self.run_parts(executor, "verify", n_blocks,
+            extracted = self.run_parts(executor, "features", job.verify_tasks,
+                                       partial(features_part, job, self.config, manifest))  # fmt: skip
+            checked = self.run_parts(executor, "verify", job.verify_tasks,
                                      partial(verify_part, job, self.config, manifest, decontam))  # fmt: skip
-            stats.update(candidates=sum(int(p["candidates"]) for p in reduced),
+            cc_inputs = [job.work("cc-dup", "r0", part_name(t)) for t in range(job.verify_tasks)]
+            stats.update(candidates=n_cand, verify_parts=job.verify_tasks,
+                         checked_pairs=sum(int(p.get("checked", p["in"])) for p in checked),
+                         connected_pairs=sum(int(p.get("connected", 0)) for p in checked),
                          verified=sum(int(p["out"]) for p in checked),
+                         verified_images=sum(int(p["in"]) for p in extracted),
+                         features_seconds=round(sum(float(p["seconds"]) for p in extracted), 3),
                          verify_unreadable_pairs=sum(int(p["unreadable_pairs"]) for p in checked),
-                         verify_seconds=round(sum(float(p["seconds"]) for p in checked), 3))  # fmt: skip
+                         verify_seconds=round(sum(float(p["seconds"]) for p in checked), 3),
+                         verify_wall_seconds=round(time.perf_counter() - t_verify, 3))  # fmt: skip
         if decontam:
             self.run_parts(executor, "refs", n_blocks, partial(refs_part, job, refs, self.config, manifest))
         if cfg.recall_sample and n:
@@ -175,13 +193,15 @@ class DedupeStage(Stage):
             stats.update({k: merged[k] for k in ("edge_recall", "recall_exact_edges")}, recall_sample=merged["in"])
         starts = job.block_starts[:-1].tolist()
         dup = ComponentGraph("cc-dup", job.work("cc-dup"), starts, self.store, self.config_hash)
-        stats["cc_rounds"] = run_components(self, executor, dup, dup.round_files(0))["rounds"]
+        stats["cc_rounds"] = run_components(self, executor, dup, cc_inputs or dup.round_files(0))["rounds"]
         dec = None
         if decontam:
             dec_starts = [0] + [s + n_refs for s in starts[1:]]
             dec = ComponentGraph("cc-dec", job.work("cc-dec"), dec_starts, self.store, self.config_hash)
             ref_files = [job.work("cc-dec", "refs", part_name(b)) for b in range(n_blocks)]
-            run_components(self, executor, dec, dec.round_files(0) + ref_files)
+            dec_inputs = [job.work("cc-dec", "r0", part_name(t)) for t in range(job.verify_tasks)] if cfg.verify \
+                else dec.round_files(0)
+            run_components(self, executor, dec, dec_inputs + ref_files)
         self.run_parts(executor, "keep", n_blocks, partial(keep_part, job, manifest, dup, dec))
         self.run_parts(executor, "resolve", n_blocks, partial(resolve_part, job))
         written = self.run_parts(executor, "write", n_blocks, partial(write_part, job))
@@ -198,7 +218,24 @@ class DedupeStage(Stage):
             "decontam_parts": n_blocks if decontam else 1,
         })  # fmt: skip
         self._drop_intermediates()
+        stats["largest_components"] = self._largest(executor, len(urls))
+        if stats["largest_components"]:
+            top = stats["largest_components"][0]
+            log.info("dedupe: largest component %d images, its weakest link %s (score %s)", top["size"],
+                     top["weakest_uid"], top["weakest_score"])  # fmt: skip
         return stats
+
+    def _largest(self, executor: Executor, n_parts: int) -> list[dict[str, Any]]:
+        """The ``LARGEST`` biggest components with their most loosely attached member (a bad threshold shows as a
+        large component held together by a low score)."""
+        from curation.stages.report_data import largest_components, weakest_links
+
+        _, top = largest_components(executor, self.run_dir, join(self.store.work, "largest"), n_parts, LARGEST)
+        weak = weakest_links(executor, self.run_dir, n_parts, [c for c, _ in top])
+        return [{"component": c, "size": size, "weakest_uid": weak[c]["uid"],
+                 "weakest_partner": weak[c]["nearest_uid"],
+                 "weakest_score": None if weak[c]["score"] is None else round(float(weak[c]["score"]), 4)}
+                for c, size in top]  # fmt: skip
 
     def _drop_intermediates(self) -> None:
         """Delete the step data under ``_work/dedupe`` (vector buckets, edges, labels); the markers stay, so a

@@ -184,7 +184,8 @@ class ReportStage(Stage):
             title="Best score of each image to another (dedup/)"))]  # fmt: skip
         rows: list[tuple[str, list[dict[str, Any]]]] = []
         if verified:
-            ver = verify_scores(executor, self.run_dir, int(rec.get("blocks", 1)), edges, thresholds, m)
+            ver = verify_scores(executor, self.run_dir, int(rec.get("verify_parts", rec.get("blocks", 1))), edges,
+                                thresholds, m)
             imgs.append(self._write("scores_verify.png", histogram(
                 [("copy (verified)", ver["copy"], KEPT), ("not a copy", ver["not"], DROPPED)], edges, marks=marks,
                 title="Candidate pairs by descriptor score, by verdict (verify/)")))  # fmt: skip

@@ -37,6 +37,7 @@ __all__ = [
     "component_members",
     "largest_components",
     "retrieval_hits",
+    "weakest_links",
 ]
 
 _COUNTS = pa.schema([("component", pa.int64()), ("count", pa.int64())])
@@ -179,6 +180,35 @@ def component_members(executor: Executor, run_dir: str, n_parts: int, chosen: Se
         for row in r["rows"]:
             out[int(row["component"])].append(row)
     return {c: sorted(g, key=_member_key)[:m] for c, g in out.items()}
+
+
+def _weakest_part(run_dir: str, chosen: Sequence[int], index: int) -> dict[str, Any]:
+    t = read_parquet(join(run_dir, DEDUP_DIR, part_name(index)), columns=["uid", "component", "nearest_uid", "score"])
+    t = t.filter(pc.is_in(t["component"], value_set=pa.array(list(chosen), pa.int64())))
+    weakest: dict[int, dict[str, Any]] = {}
+    for r in t.to_pylist():
+        c = int(r["component"])
+        if c not in weakest or _weak_key(r) < _weak_key(weakest[c]):
+            weakest[c] = r
+    return {"part": index, "weakest": list(weakest.values())}
+
+
+def _weak_key(r: dict[str, Any]) -> tuple[float, str]:
+    return (float("-inf") if r["score"] is None else float(r["score"]), r["uid"])
+
+
+def weakest_links(executor: Executor, run_dir: str, n_parts: int, chosen: Sequence[int]
+                  ) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Per chosen component, its most loosely attached member: the one whose best partner (the verified partner
+    with verification, else the nearest neighbour) scores lowest, as ``{uid, nearest_uid, score}``."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in executor.map(partial(_weakest_part, run_dir, list(chosen)), list(range(n_parts)),
+                          desc="dedupe:weakest-links"):  # fmt: skip
+        for row in r["weakest"]:
+            c = int(row["component"])
+            if c not in out or _weak_key(row) < _weak_key(out[c]):
+                out[c] = row
+    return out
 
 
 def retrieval_hits(run_dir: str, n_parts: int, rng: np.random.Generator, n_seeds: int, m: int

@@ -169,6 +169,7 @@ def _verify_part(run_dir: str, edges: np.ndarray, thresholds: Sequence[float], m
         return {"part": index, "copy": [0] * (len(edges) - 1), "not": [0] * (len(edges) - 1), "near": {},
                 "extremes": {}}  # fmt: skip
     t = read_parquet(url, columns=_VERIFY_COLUMNS)
+    t = t.filter(t["verdict"].is_valid())  # pairs not checked (already connected) have no verdict
     score = np.asarray(t["score"].to_numpy(zero_copy_only=False), np.float64)
     verdict = np.asarray(t["verdict"].to_numpy(zero_copy_only=False), bool)
     rows = [{**r, "score": float(r["score"])} for r in t.to_pylist()]

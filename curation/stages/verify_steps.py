@@ -5,10 +5,12 @@ With verification on, the descriptor only proposes candidates: the ``reduce`` st
 (``lo < hi`` global ids) bucketed by the block of ``hi``. Then
 
 * ``locate`` (block ``b``): attaches to each pair the uid and source location (file or tar member) of ``hi``,
-  read from the block's own manifest parts, and sends the pair to the block of ``lo``;
-* ``verify`` (block ``b``): reads the bytes of both images through the manifest (any fsspec source, tar
-  members included), decodes and extracts local features once per image (an LRU cache of
-  ``CACHE_BYTES`` bounds the task), checks the pair (:func:`curation.verify.check_pair`), and writes
+  read from the block's own manifest parts, and sends the pair to the verification range of ``lo``;
+* ``verify`` (range ``r``: the block's gid range is cut into ``verify_split`` parts so a small pool still uses
+  every CPU): checks its pairs best descriptor score first, skipping pairs whose images it already connected
+  through verified pairs (their edge cannot change a component: verdict null, reason ``connected``); reads the
+  local features of both images (extracted once per image by the ``features`` step,
+  :mod:`curation.stages.verify_features`), checks the pair (:func:`curation.verify.check_pair`), and writes
   ``verify/part-b`` (both uids, descriptor score, inliers, inlier ratio, flipped, verdict, reason) plus the
   verified pairs as edges of the copy graph (and of the decontamination graph). An image that no longer
   decodes (changed or vanished source) gives its pairs the verdict false with the reason; the run goes on.
@@ -27,11 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from curation.config import RunConfig
-from curation.decode import DecodeError, load_rgb
 from curation.io.buckets import bucket_of_ranges, read_bucket, write_buckets
 from curation.io.fs import read_parquet, write_parquet
 from curation.io.parts import part_name
-from curation.io.sources import read_location
 from curation.stages.components import EDGES
 from curation.stages.copygraph import GraphJob
 
@@ -67,14 +67,15 @@ def write_candidates(job: GraphJob, index: int, src: np.ndarray, dst: np.ndarray
     return len(lo)
 
 
-def _block_locations(job: GraphJob, manifest_urls: list[str], index: int) -> tuple[list[str], dict[str, dict]]:
-    """Uids of the block's vectors (gid order) and the manifest location of each."""
+def _block_locations(job: GraphJob, manifest_urls: list[str], index: int,
+                     locations: bool = True) -> tuple[list[str], dict[str, dict]]:  # fmt: skip
+    """Uids of the block's vectors (gid order) and (with ``locations``) the manifest location of each."""
     p0, p1 = job.blocks[index]
     uids: list[str] = []
     where: dict[str, dict] = {}
     for p in range(p0, p1):
         uids += read_parquet(job.part_urls[p], columns=["uid"])["uid"].to_pylist()
-        for row in read_parquet(manifest_urls[p], columns=_LOCATION).to_pylist():
+        for row in read_parquet(manifest_urls[p], columns=_LOCATION).to_pylist() if locations else ():
             where[row["uid"]] = row
     return uids, where
 
@@ -96,7 +97,7 @@ def locate_part(job: GraphJob, manifest_urls: list[str], index: int) -> dict[str
         "size": pa.array([r["size"] for r in loc], pa.int64()),
     }, schema=LOCATED)  # fmt: skip
     write_buckets(job.work("located", part_name(index)), table, bucket_of_ranges(t["lo"].to_numpy(),
-                                                                                 job.block_starts), len(job.blocks))
+                                                                                 job.verify_starts), job.verify_tasks)
     stats = {"part": index, "in": t.num_rows, "out": t.num_rows, "seconds": round(time.perf_counter() - t0, 3)}
     job.store.mark_done("locate", index, stats, job.config_hash)
     return stats
@@ -114,21 +115,12 @@ class FeatureCache:
 
     def get(self, uid: str, loc: dict[str, Any]) -> Any:
         """Features of image ``uid`` at ``loc``, or a string reason when it cannot be read or decoded."""
-        from curation.verify.features import extract
+        from curation.stages.verify_features import extract_image
 
         if uid in self.items:
             self.items.move_to_end(uid)
             return self.items[uid]
-        vcfg = self.config.dedupe.verification
-        try:
-            data = read_location(loc["uri"], loc["container"], int(loc["offset"]), int(loc["size"]))
-            img = load_rgb(data, self.config.ingest.decode, draft_size=(vcfg.max_side, vcfg.max_side))
-            value: Any = extract(img, vcfg)
-        except DecodeError as exc:
-            value = f"decode:{exc.reason}"
-        except (OSError, ValueError) as exc:
-            log.warning("verify: cannot read %s: %s", loc["uri"], exc)
-            value = "unreadable"
+        value = extract_image(self.config, loc)
         self.extracted += 1
         size = value.nbytes if hasattr(value, "nbytes") else 64
         self.items[uid] = value
@@ -149,37 +141,72 @@ def _edges(job: GraphJob, name: str, lo: np.ndarray, hi: np.ndarray, offset: int
     write_buckets(job.work(name, "r0", part_name(index)), table, bucket_of_ranges(u, starts), len(job.blocks))
 
 
+class _Forest:
+    """Union-find over the gids of one task's verified pairs."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while x != root:
+            self.parent[x], x = root, self.parent.get(x, x)
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
 def verify_part(job: GraphJob, config: RunConfig, manifest_urls: list[str], decontam: bool,
                 index: int) -> dict[str, Any]:  # fmt: skip
-    """Verify every candidate pair whose smaller id is in block ``index`` (see the module docstring)."""
+    """Verify the candidate pairs whose smaller id is in verification range ``index`` (see the module docstring).
+
+    Pairs are checked best descriptor score first; a pair whose images this task already connected through
+    verified pairs is not checked (verdict null, reason ``connected``): its edge could not change a component.
+    """
     from curation.verify.geometry import check_pair
 
     t0 = time.perf_counter()
     t = read_bucket([job.work("located", part_name(b)) for b in range(len(job.blocks))], index, LOCATED)
-    t = t.sort_by([("lo", "ascending"), ("hi", "ascending")])
-    uids, where = _block_locations(job, manifest_urls, index)
-    s0 = job.block_starts[index]
-    cache = FeatureCache(config)
+    t = t.sort_by([("score", "descending"), ("lo", "ascending"), ("hi", "ascending")])
+    from curation.stages.verify_features import load_features
+
+    block = index // job.verify_split
+    uids, _ = _block_locations(job, manifest_urls, block, locations=False)
+    s0 = job.block_starts[block]
+    feats = load_features(job, np.r_[t["lo"].to_numpy(), t["hi"].to_numpy()])
+    forest = _Forest()
     rows = t.to_pylist()
     out: dict[str, list] = {k: [] for k in VERIFIED.names}
     ok = np.zeros(len(rows), bool)
     for i, r in enumerate(rows):
         lo_uid = uids[int(r["lo"] - s0)]
-        fa = cache.get(lo_uid, where[lo_uid])
-        fb = cache.get(r["hi_uid"], r)
-        if isinstance(fa, str) or isinstance(fb, str):
-            check, reason = None, fa if isinstance(fa, str) else fb
+        check, reason, verdict = None, None, None
+        if forest.find(r["lo"]) != forest.find(r["hi"]):
+            fa, fb = feats[r["lo"]], feats[r["hi"]]
+            if isinstance(fa, str) or isinstance(fb, str):
+                reason, verdict = fa if isinstance(fa, str) else fb, False
+            else:
+                check = check_pair(fa, fb, config.dedupe.verification)
+                verdict = bool(check.verdict)
+                reason = None if verdict else "not verified"
+                if verdict:
+                    forest.union(r["lo"], r["hi"])
         else:
-            check, reason = check_pair(fa, fb, config.dedupe.verification), None
-        ok[i] = bool(check is not None and check.verdict)
+            reason = "connected"
+        ok[i] = bool(verdict)
         out["uid"].append(lo_uid)
         out["other_uid"].append(r["hi_uid"])
         out["score"].append(r["score"])
         out["inliers"].append(check.inliers if check else 0)
         out["inlier_ratio"].append(check.ratio if check else 0.0)
         out["flipped"].append(bool(check.flipped) if check else False)
-        out["verdict"].append(bool(ok[i]))
-        out["reason"].append(reason if reason else (None if ok[i] else "not verified"))
+        out["verdict"].append(verdict)
+        out["reason"].append(reason)
     write_parquet(job.store.data_url("verify", index), pa.table(out, schema=VERIFIED))
     lo, hi = t["lo"].to_numpy()[ok], t["hi"].to_numpy()[ok]
     _edges(job, "cc-dup", lo, hi, 0, index)
@@ -192,8 +219,10 @@ def verify_part(job: GraphJob, config: RunConfig, manifest_urls: list[str], deco
                          "other_uid": pa.array(hi_uid + lo_uid, pa.string())}, schema=PARTNERS)  # fmt: skip
     write_buckets(job.work("partners", part_name(index)), partners,
                   bucket_of_ranges(partners["gid"].to_numpy(), job.block_starts), len(job.blocks))
-    failed = sum(1 for x in out["reason"] if x not in (None, "not verified"))
-    stats = {"part": index, "in": len(rows), "out": int(ok.sum()), "images": cache.extracted,
+    failed = sum(1 for x in out["reason"] if x not in (None, "not verified", "connected"))
+    stats = {"part": index, "in": len(rows), "out": int(ok.sum()), "images": len(feats),
+             "checked": sum(1 for x in out["verdict"] if x is not None),
+             "connected": sum(1 for x in out["reason"] if x == "connected"),
              "unreadable_pairs": failed, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     job.store.mark_done("verify", index, stats, job.config_hash)
     return stats
@@ -202,7 +231,7 @@ def verify_part(job: GraphJob, config: RunConfig, manifest_urls: list[str], deco
 def verified_partner(job: GraphJob, index: int) -> tuple[np.ndarray, list[str | None]]:
     """Per vector of block ``index`` (gid order): the best descriptor score among its verified partners and that
     partner's uid (-inf / None without one)."""
-    t = read_bucket([job.work("partners", part_name(b)) for b in range(len(job.blocks))], index, PARTNERS)
+    t = read_bucket([job.work("partners", part_name(b)) for b in range(job.verify_tasks)], index, PARTNERS)
     s0, s1 = int(job.block_starts[index]), int(job.block_starts[index + 1])
     best = np.full(s1 - s0, -np.inf, np.float32)
     other: list[str | None] = [None] * (s1 - s0)

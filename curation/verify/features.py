@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -58,6 +59,18 @@ class LocalFeatures:
     def nbytes(self) -> int:
         """Bytes held by the arrays."""
         return int(self.keypoints.nbytes + self.descriptors.nbytes)
+
+    @cached_property
+    def rooted(self) -> np.ndarray:
+        """RootSIFT descriptors (L1-normalised, square-rooted: unit L2 norm), float32, computed once per image."""
+        d = self.descriptors.astype(np.float32)
+        d /= d.sum(axis=1, keepdims=True) + 1e-7
+        return np.sqrt(d)
+
+    @cached_property
+    def mirror(self) -> LocalFeatures:
+        """:meth:`mirrored`, computed once per image."""
+        return self.mirrored()
 
     def mirrored(self) -> LocalFeatures:
         """The features of the horizontally mirrored image (derived exactly, no detection)."""

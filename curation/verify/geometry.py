@@ -68,10 +68,23 @@ class PairCheck:
     """Fraction of the shared region's informative thumbnail cells whose pixels agree under the model."""
 
 
-def _root(desc: np.ndarray) -> np.ndarray:
-    d = desc.astype(np.float32)
-    d /= d.sum(axis=1, keepdims=True) + 1e-7
-    return np.sqrt(d)
+def _mutual(sim: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours of a RootSIFT similarity matrix passing the ratio test, most distinctive first."""
+    rows = np.arange(sim.shape[0])
+    if sim.shape[0] < 2 or sim.shape[1] < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0, np.float32)
+    best = np.argmax(sim, axis=1)
+    s1 = sim[rows, best].copy()
+    mutual = sim.max(axis=0)[best] <= s1  # the row's best is also its column's best (a reduce, not an argmax)
+    sim[rows, best] = -np.inf
+    s2 = sim.max(axis=1)
+    sim[rows, best] = s1
+    q = np.sqrt(np.maximum(2.0 - 2.0 * s1, 0.0)) / np.maximum(np.sqrt(np.maximum(2.0 - 2.0 * s2, 0.0)), 1e-9)
+    keep = (q < ratio) & mutual
+    ia, ib, q = rows[keep], best[keep], q[keep]
+    o = np.argsort(q, kind="stable")
+    return ia[o], ib[o], q[o].astype(np.float32)
 
 
 def match(a: LocalFeatures, b: LocalFeatures, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -80,18 +93,7 @@ def match(a: LocalFeatures, b: LocalFeatures, ratio: float) -> tuple[np.ndarray,
     if len(a) < 2 or len(b) < 2:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float32)
-    sim = _root(a.descriptors) @ _root(b.descriptors).T
-    rows = np.arange(len(a))
-    best = np.argmax(sim, axis=1)
-    mutual = np.argmax(sim, axis=0)[best] == rows
-    s1 = sim[rows, best]
-    sim[rows, best] = -np.inf
-    s2 = sim.max(axis=1)
-    q = np.sqrt(np.maximum(2.0 - 2.0 * s1, 0.0)) / np.maximum(np.sqrt(np.maximum(2.0 - 2.0 * s2, 0.0)), 1e-9)
-    keep = (q < ratio) & mutual
-    ia, ib, q = rows[keep], best[keep], q[keep]
-    o = np.argsort(q, kind="stable")
-    return ia[o], ib[o], q[o].astype(np.float32)
+    return _mutual(a.rooted @ b.rooted.T, ratio)
 
 
 def _fit(kind: str, src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
@@ -151,11 +153,12 @@ def _hull_fraction(pts: np.ndarray, width: int, height: int) -> float:
     return float(cv2.contourArea(hull)) / max(1.0, float(width * height))
 
 
-def _geometry(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, int, float, str, float]:
-    """``(inliers, tentative matches, spread, model, dense agreement)`` of the best plausible model a -> b."""
-    ia, ib, _ = match(a, b, cfg.match_ratio)
+def _geometry(a: LocalFeatures, b: LocalFeatures, ia: np.ndarray, ib: np.ndarray,
+              cfg: VerifyConfig) -> tuple[int, int, float, str, float]:  # fmt: skip
+    """``(inliers, tentative matches, spread, model, dense agreement)`` of the best plausible model a -> b given the
+    tentative matches ``ia`` -> ``ib``. Fewer matches than ``min_inliers`` cannot verify: no model is fitted."""
     m = len(ia)
-    if m < 3:
+    if m < max(3, cfg.min_inliers):
         return 0, m, 0.0, "none", 0.0
     pa, pb = a.keypoints[ia, :2].astype(np.float64), b.keypoints[ib, :2].astype(np.float64)
     thr = cfg.ransac_threshold * max(b.width, b.height)
@@ -262,8 +265,9 @@ def _distinct(pts: np.ndarray) -> int:
     return len(np.unique(np.round(pts / 2.0).astype(np.int64), axis=0))
 
 
-def _check(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig, flipped: bool) -> PairCheck:
-    inliers, matches, spread, model, agreement = _geometry(a, b, cfg)
+def _check(a: LocalFeatures, b: LocalFeatures, ia: np.ndarray, ib: np.ndarray, cfg: VerifyConfig,
+           flipped: bool) -> PairCheck:  # fmt: skip
+    inliers, matches, spread, model, agreement = _geometry(a, b, ia, ib, cfg)
     ratio = inliers / matches if matches else 0.0
     verdict = (model != "none" and inliers >= cfg.min_inliers and ratio >= cfg.min_inlier_ratio
                and spread >= cfg.min_spread and agreement >= cfg.min_agreement)  # fmt: skip
@@ -271,11 +275,22 @@ def _check(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig, flipped: bool)
 
 
 def check_pair(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> PairCheck:
-    """Verify that ``b`` is a copy of ``a`` (or of its mirror image). Never raises on degenerate features."""
-    direct = _check(a, b, cfg, flipped=False)
+    """Verify that ``b`` is a copy of ``a`` (or of its mirror image). Never raises on degenerate features.
+
+    One product of ``a``'s and its mirror's descriptors with ``b``'s gives the tentative matches of both
+    orientations; the mirror is fitted only when the direct orientation fails.
+    """
+    if len(a) < 2 or len(b) < 2:
+        e = np.zeros(0, np.int64)
+        return _check(a, b, e, e, cfg, flipped=False)
+    n = len(a)
+    sim = np.vstack([a.rooted, a.mirror.rooted]) @ b.rooted.T
+    ia, ib, _ = _mutual(sim[:n], cfg.match_ratio)
+    direct = _check(a, b, ia, ib, cfg, flipped=False)
     if direct.verdict or len(a) < 3 or len(b) < 3:
         return direct
-    mirror = _check(a.mirrored(), b, cfg, flipped=True)
+    ia, ib, _ = _mutual(sim[n:], cfg.match_ratio)
+    mirror = _check(a.mirror, b, ia, ib, cfg, flipped=True)
     if mirror.verdict or (mirror.inliers, mirror.ratio) > (direct.inliers, direct.ratio):
         return mirror
     return direct

@@ -4,10 +4,12 @@ only verified pairs as copy edges; per-pair records; sources that vanish before 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from curation.config import RunConfig
 from curation.stages import LocalExecutor, run_stages
@@ -59,13 +61,26 @@ def test_only_verified_pairs_become_copy_edges(tmp_path):
     assert rec["candidates"] == len(checks) > rec["verified"] > 0
     for c in checks:  # every candidate pair has its record: descriptor score, inliers, ratio, verdict
         same = truth[uri[c["uid"]]] == truth[uri[c["other_uid"]]]
+        if c["verdict"] is None:  # not checked: its task had already connected both images by verified pairs
+            assert c["reason"] == "connected" and same, (uri[c["uid"]], uri[c["other_uid"]], c)
+            continue
         assert c["verdict"] == same, (uri[c["uid"]], uri[c["other_uid"]], c)
         assert (c["reason"] is None) == c["verdict"] and c["score"] > 0.0
+    assert rec["checked_pairs"] + rec["connected_pairs"] == len(checks) and rec["verified_images"] <= len(truth)
     comp = {f: dedup[f]["component"] for f in truth}
     for f in truth:  # components are exactly the ground-truth groups: copies together, tiles apart
         assert {g for g in truth if comp[g] == comp[f]} == {g for g in truth if truth[g] == truth[f]}
     assert rec["out"] == len(set(truth.values()))
     assert all(dedup[f]["nearest_uid"] is None for f in truth if f.rsplit("/", 1)[-1].startswith("tile"))
+    # stage stats: the largest components with their most loosely attached member
+    sizes = sorted((n for n in Counter(truth.values()).values() if n > 1), reverse=True)[:5]
+    assert [c["size"] for c in rec["largest_components"]] == sizes
+    by_uid = {r["uid"]: r for r in _table(run, "dedup").to_pylist()}
+    for c in rec["largest_components"]:
+        members = [r for r in by_uid.values() if r["component"] == c["component"]]
+        assert len(members) == c["size"] and c["weakest_uid"] in {r["uid"] for r in members}
+        assert c["weakest_score"] == pytest.approx(min(r["score"] for r in members), abs=1e-4)
+        assert c["weakest_partner"] == by_uid[c["weakest_uid"]]["nearest_uid"]
 
 
 def test_single_threshold_mode_groups_look_alike_tiles(tmp_path):
@@ -80,6 +95,9 @@ def test_single_threshold_mode_groups_look_alike_tiles(tmp_path):
     for r in _table(run, "dedup").to_pylist():
         groups.setdefault(r["component"], set()).add(truth[uri[r["uid"]]])
     assert any(len(g) > 1 for g in groups.values())  # distinct photos merged by the descriptor alone
+    top = rec["largest_components"][0]  # the stage stats show it: the largest component and its weakest link
+    assert top["size"] == max(sum(1 for r in _table(run, "dedup").to_pylist() if r["component"] == c)
+                              for c in groups) and top["weakest_score"] > 0.3  # fmt: skip
 
 
 def test_vanished_source_is_recorded_and_the_run_goes_on(tmp_path):
