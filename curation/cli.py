@@ -10,21 +10,23 @@ from collections.abc import Sequence
 from typing import Any
 
 from curation.config import RunConfig
-from curation.io.fs import atomic_write_bytes, join
-from pretrain.utils.config import dump_toml, load_config, to_dict
+from pretrain.utils.config import load_config
 
 __all__ = ["lineage_cmd", "load_run_config", "main", "run_cmd", "stage_cmd", "stage_status"]
 
 log = logging.getLogger("curation")
 
 
-def load_run_config(recipe: str | None, overrides: Sequence[str], address: str | None = None) -> RunConfig:
-    """Load ``recipe`` (path or fsspec URL, or a built-in recipe name) with ``--set`` overrides."""
+def load_run_config(recipe: str | None, overrides: Sequence[str], address: str | None = None,
+                    base: str | None = None) -> RunConfig:  # fmt: skip
+    """Load ``recipe`` (path or fsspec URL, or a built-in recipe name) with ``--set`` overrides (and ``--base``:
+    the run is an increment of that run directory)."""
     if recipe and "/" not in recipe and not recipe.endswith(".toml"):
         from importlib.resources import files
 
         recipe = str(files("curation") / "recipes" / f"{recipe}.toml")
     overrides = list(overrides) + ([f'ray.address="{address}"'] if address is not None else [])
+    overrides += [f"base={json.dumps(base)}"] if base else []
     return load_config(RunConfig, recipe, overrides)
 
 
@@ -32,7 +34,6 @@ def _execute(config: RunConfig, out: str, names: list[str]) -> dict[str, Any]:
     from curation.ray import executor_for
     from curation.stages import run_stages
 
-    atomic_write_bytes(join(out, "config.toml"), dump_toml(to_dict(config)).encode())
     with executor_for(config.ray) as executor:
         records = run_stages(config, out, executor, names)
     summary = {}
@@ -53,11 +54,12 @@ def stage_status(rec: dict[str, Any]) -> str:
     return f"resumed ({skipped} of {parts} parts skipped)" if skipped else "ran"
 
 
-def run_cmd(recipe: str, out: str, overrides: Sequence[str] = (), address: str | None = None) -> dict[str, Any]:
+def run_cmd(recipe: str, out: str, overrides: Sequence[str] = (), address: str | None = None,
+            base: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Run every stage of RECIPE in order into the run directory OUT (any fsspec URL); finished stages and
     parts are skipped, so rerunning a killed run resumes it. Each stage's record says what this invocation did
     (``status``: ran, resumed (N of M parts skipped), already finished)."""
-    config = load_run_config(recipe, overrides, address)
+    config = load_run_config(recipe, overrides, address, base)
     return _execute(config, out, list(config.stages))
 
 
@@ -89,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help=run_cmd.__doc__, description=run_cmd.__doc__)
     common(run)
+    run.add_argument("--base", default=None, metavar="BASE_RUN",
+                     help="make this run an increment of the finished run BASE_RUN (read-only): only the new sources "
+                     "are ingested and embedded, and compared with every image of BASE_RUN's chain")  # fmt: skip
     stage = sub.add_parser("stage", help=stage_cmd.__doc__, description=stage_cmd.__doc__)
     stage.add_argument("name", help="stage name (ingest, embed, dedupe, ...)")
     common(stage)
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines print ModuleNotFoundError
     try:
         if args.cmd == "run":
-            result = run_cmd(args.recipe, args.out, args.overrides, args.address)
+            result = run_cmd(args.recipe, args.out, args.overrides, args.address, args.base)
         elif args.cmd == "stage":
             result = stage_cmd(args.name, args.recipe, args.out, args.overrides, args.address)
         else:

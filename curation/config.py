@@ -510,8 +510,14 @@ class RunConfig:
     """Shard stage (WebDataset tars)."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """Report stage (offline HTML + PNGs)."""
+    base: str = ""
+    """Base run directory (``--base``): this run is an increment of it (:mod:`curation.io.chain`). Only the new
+    sources are ingested and embedded; base images are never dropped, new copies of them are; new images are
+    assigned to the base centroids; shards continue the base's numbering. ``""``: a full run."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.base, str):
+            raise ValueError(f"base must be a run directory path, got {self.base!r}")
         if not self.stages:
             raise ValueError("stages must list at least one stage")
         if len(set(self.stages)) != len(self.stages):

@@ -58,6 +58,16 @@ MANIFEST = pa.schema(
     ]
 )
 
+#: ``base_copies/part-N`` of an increment: new images whose exact bytes a base run already holds (collapsed into
+#: the base uid, with the new URIs).
+BASE_COPIES = pa.schema(
+    [
+        ("uid", pa.string()),  # the base image's uid (sha1 of the bytes)
+        ("uris", pa.list_(pa.string())),  # the increment's URIs holding these bytes
+        ("base_run", pa.string()),  # the run of the chain that holds the image
+    ]
+)
+
 REJECTS = pa.schema(
     [
         ("uri", pa.string()),

@@ -40,6 +40,7 @@ __all__ = [
 
 #: Output directories of the stages in a run directory (``Stage.output``).
 MANIFEST_DIR = "manifest"  # ingest
+BASE_COPIES_DIR = "base_copies"  # ingest of an increment: exact copies of base images
 EMBEDDINGS_DIR = "embeddings"  # embed
 DEDUP_DIR = "dedup"  # dedupe
 CLUSTERS_DIR = "clusters"  # cluster

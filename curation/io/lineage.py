@@ -53,6 +53,16 @@ def lineage(run_dir: str, uri: str) -> dict[str, Any]:
     if not out["found"] or out["status"] != "ok":
         return out
     uid = out["uid"]
+    cfg = read_json(join(run_dir, "manifest", "_SUCCESS.json")) or {}
+    if cfg.get("base_copies"):  # an increment: these bytes may already be an image of a base run
+        for url in _parts(run_dir, "base_copies"):
+            t = read_parquet(url)
+            hit = t.filter(pc.equal(t["uid"], uid))
+            if hit.num_rows:
+                base = hit["base_run"][0].as_py()
+                out.update(status="in_base", base_run=base, kept=None,
+                           note=f"exact copy of image {uid} of base run {base}: collapsed into it, not ingested again")
+                return out
     for url in _parts(run_dir, "manifest"):
         t = read_parquet(url, columns=["uid", "uris"])
         hit = t.filter(pc.equal(t["uid"], uid))

@@ -54,6 +54,18 @@ def run_stages(config: RunConfig, run_dir: str, executor: Executor, names: list[
             "Use a local path or an object store URL, or run without Ray (--address none)"
         )
     classes = [get_stage(n) for n in names]  # fail on a typo before any work
+    if config.base:
+        from curation.io.chain import base_chain, local_abspath
+
+        chain = base_chain(config)  # fails early on an unfinished or incompatible base
+        if local_abspath(run_dir) in {b.run_dir for b in chain}:
+            raise ValueError(f"run directory {run_dir} is a base run of this increment; base runs are read-only: "
+                             "write the increment to a new directory")  # fmt: skip
+        log.info("increment of %s (chain of %d runs)", config.base, len(chain))
+    from curation.io.fs import atomic_write_bytes, join
+    from pretrain.utils.config import dump_toml, to_dict
+
+    atomic_write_bytes(join(run_dir, "config.toml"), dump_toml(to_dict(config)).encode())  # read by increments
     records = {}
     for cls in classes:
         records[cls.name] = cls(config, run_dir).execute(executor)

@@ -102,19 +102,21 @@ def balanced_part(store: PartStore, n_parts: int, config_hash: str, index: int) 
 
 
 def run_balanced(stage: Stage, executor: Executor, assign_urls: list[str], offsets: list[int], sizes: np.ndarray,
-                 parents: list[np.ndarray]) -> tuple[np.ndarray, int, int]:  # fmt: skip
-    """Draw the balanced sample into ``clusters/balanced/``; ``(level-1 sizes after, parts, rows)``."""
+                 parents: list[np.ndarray], target: int | None = None) -> tuple[np.ndarray, int, int]:  # fmt: skip
+    """Draw the balanced sample of ``target`` images (default ``cluster.target_size``) into ``clusters/balanced/``;
+    ``(level-1 sizes after, parts, rows)``."""
     from curation.index.balanced import level1_allocation
 
     cfg, seed = stage.config.cluster, stage.config.seed
+    target = cfg.target_size if target is None else target
     n = int(sizes.sum())
-    if cfg.target_size >= n:
-        if cfg.target_size > n:
-            log.warning("balanced sampling: target %d exceeds the pool (%d images); taking all", cfg.target_size, n)
+    if target >= n:
+        if target > n:
+            log.warning("balanced sampling: target %d exceeds the pool (%d images); taking all", target, n)
         alloc, skip = sizes.copy(), 0
     else:
         used = len(parents[0]) if parents else int(np.flatnonzero(sizes)[-1]) + 1
-        head, skip = level1_allocation(sizes[:used], parents, cfg.target_size, np.random.default_rng(seed))
+        head, skip = level1_allocation(sizes[:used], parents, target, np.random.default_rng(seed))
         alloc = np.zeros(len(sizes), np.int64)
         alloc[:used] = head
     keys = LeafKeys(assign_urls, offsets, cfg.strategy, seed, skip)

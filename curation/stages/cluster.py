@@ -88,6 +88,35 @@ def train_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: s
     return stats
 
 
+def adopt_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: str, index: int) -> dict[str, Any]:
+    """Increment: copy the centroids (and parent maps) of the newest base run with a cluster stage, so new images
+    are assigned to the same clusters at every level; nothing is trained."""
+    from curation.io.chain import base_chain
+
+    t0 = time.perf_counter()
+    cfg = config.cluster
+    with_clusters = [b for b in base_chain(config) if b.has_clusters]
+    if not with_clusters:
+        raise ValueError(f"base run {config.base} and its bases have no finished cluster stage: an increment "
+                         "assigns new images to the base centroids, so cluster the base first")  # fmt: skip
+    src = with_clusters[-1]
+    n_levels = int(src.records[CLUSTERS_DIR]["levels"])
+    if n_levels != len(cfg.levels):
+        raise ValueError(f"cluster.levels has {len(cfg.levels)} levels, base run {src.run_dir} has {n_levels}")
+    cents, parents = load_centroids(src.run_dir, n_levels)
+    root = join(run_dir, ClusterStage.output)
+    for k, c in enumerate(cents, start=1):
+        _save_npy(join(root, f"level{k}", "centroids.npy"), c)
+        if k < n_levels:
+            _save_npy(join(root, f"level{k}", "parent.npy"), parents[k - 1])
+    n_parts, dim = n_embedding_parts(run_dir)
+    n = sum(int(keep_mask(run_dir, i)[1].sum()) for i in range(n_parts))
+    stats = {"part": index, "in": n, "out": 0, "train_points": 0, "dim": dim, "base_centroids": src.run_dir,
+             "clusters": [int(c.shape[0]) for c in cents], "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    store.mark_done("train", index, stats, config_hash)
+    return stats
+
+
 def assign_part(config: RunConfig, run_dir: str, store: PartStore, config_hash: str, index: int) -> dict[str, Any]:
     """Assign every kept image of embedding part ``index`` at every level; write ``clusters/assign/part-N``."""
     from curation.index import assign
@@ -131,12 +160,30 @@ class ClusterStage(Stage):
 
     def config_sections(self) -> tuple[Any, ...]:
         dedupe = DedupeStage(self.config, self.run_dir, self.prefix)
-        return (dedupe.config_hash, self.config.cluster, self.config.seed)
+        increment = (self.config.base,) if self.config.base and not self.prefix else ()
+        return (dedupe.config_hash, self.config.cluster, self.config.seed, *increment)
+
+    def _top_up(self, n_new: int) -> int | None:
+        """Increment: the balanced sample keeps its base's proportion (balanced / assigned images of the newest base
+        run with a balanced sample), so ``n_new`` new images add that fraction of them; ``None`` for a full run."""
+        if not self.config.base or self.prefix:
+            return None
+        from curation.io.chain import base_chain
+
+        recs = [b.records[CLUSTERS_DIR] for b in base_chain(self.config) if b.has_clusters]
+        rec = next((r for r in reversed(recs) if r.get("balanced")), None)
+        if rec is None or not int(rec["out"]):
+            return None
+        target = int(n_new * int(rec["balanced"]) / int(rec["out"]) + 0.5)  # half up: a small increment still counts
+        log.info("cluster: increment tops up the balanced sample with %d of %d new images (base: %d of %d)",
+                 target, n_new, rec["balanced"], rec["out"])  # fmt: skip
+        return target
 
     def run(self, executor: Executor) -> dict[str, Any]:
         cfg = self.config.cluster
         run_dir, store, h = self.run_dir, self.store, self.config_hash
-        train = self.run_parts(executor, "train", 1, partial(train_part, self.config, run_dir, store, h),
+        fit = adopt_part if self.config.base and not self.prefix else train_part
+        train = self.run_parts(executor, "train", 1, partial(fit, self.config, run_dir, store, h),
                                num_cpus=cfg.train_cpus)[0]
         n_parts, _ = n_embedding_parts(run_dir)
         assigned = self.run_parts(executor, "assign", n_parts, partial(assign_part, self.config, run_dir, store, h))
@@ -149,12 +196,15 @@ class ClusterStage(Stage):
             "levels": len(cfg.levels), "clusters": train["clusters"], "train_points": train["train_points"],
             "assign_parts": n_parts, "size_ratio_before": _ratio(before),
         }  # fmt: skip
+        if "base_centroids" in train:
+            stats["base_centroids"] = train["base_centroids"]
         sizes: dict[str, Any] = {"level1_before": before.tolist(), "level1_after": None}
         if cfg.target_size:
             _, parents = load_centroids(run_dir, len(cfg.levels))
             urls = [store.data_url("clusters/assign", i) for i in range(n_parts)]
             offsets = np.r_[0, np.cumsum([int(a["out"]) for a in assigned])].astype(int).tolist()
-            after, n_bal_parts, n_bal = run_balanced(self, executor, urls, offsets, before, parents)
+            target = self._top_up(n)
+            after, n_bal_parts, n_bal = run_balanced(self, executor, urls, offsets, before, parents, target)
             sizes["level1_after"] = after.tolist()
             stats.update(balanced=n_bal, balanced_parts=n_bal_parts, size_ratio_after=_ratio(after))
         write_json(join(store.output, "sizes.json"), sizes)

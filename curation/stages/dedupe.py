@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 
 from curation import schemas
 from curation.io.artifacts import DEDUP_DIR, EMBEDDINGS_DIR, manifest_parts
-from curation.io.fs import get_fs, join, read_json, write_parquet
+from curation.io.chain import base_chain
+from curation.io.fs import get_fs, join, read_json, read_parquet, write_parquet
 from curation.io.parts import PartStore, part_name
 from curation.stages.base import Executor, Stage, register_stage
 from curation.stages.components import ComponentGraph, run_components
@@ -111,7 +112,8 @@ class DedupeStage(Stage):
 
     def config_sections(self) -> tuple[Any, ...]:
         embed = EmbedStage(self.config, self.run_dir, self.prefix)
-        return (embed.config_hash, self.config.dedupe)
+        increment = (self.config.base,) if self.config.base and not self.prefix else ()
+        return (embed.config_hash, self.config.dedupe, *increment)
 
     def _embedded(self, executor: Executor, prefix: str) -> tuple[list[str], list[int]]:
         IngestStage(self.config, self.run_dir, prefix).execute(executor)
@@ -120,7 +122,7 @@ class DedupeStage(Stage):
         return urls, sizes
 
     def _references(self, executor: Executor) -> tuple[list[RefSet], int]:
-        refs, total = [], 0
+        refs, total = self._base_refs()
         for ref in self.config.dedupe.references:
             prefix = reference_prefix(ref.name)
             urls, sizes = self._embedded(executor, prefix)
@@ -128,6 +130,19 @@ class DedupeStage(Stage):
             refs.append(RefSet(ref.name, urls, manifest))
             total += sum(sizes)
         return refs, total
+
+    def _base_refs(self) -> tuple[list[RefSet], int]:
+        """An increment's base runs as one pre-embedded reference set ``base`` (never re-embedded): a new image
+        matching a base image as a copy would (``candidate_threshold`` and ``max_candidates`` with verification,
+        else ``threshold`` and ``k``) is dropped with its whole component; base images are never dropped."""
+        if not self.config.base or self.prefix:
+            return [], 0
+        cfg = self.config.dedupe
+        chain = base_chain(self.config)
+        ref = RefSet("base", [u for b in chain for u in b.embedding_urls], [u for b in chain for u in b.manifest_urls],
+                     threshold=cfg.candidate_threshold if cfg.verify else cfg.threshold,
+                     k=cfg.max_candidates if cfg.verify else cfg.k)  # fmt: skip
+        return [ref], sum(int(b.records[EMBEDDINGS_DIR]["out"]) for b in chain)
 
     def run(self, executor: Executor) -> dict[str, Any]:
         from curation.index.config import plan_index
@@ -208,6 +223,8 @@ class DedupeStage(Stage):
         if not decontam:  # no reference set: one empty match table, so readers always find decontam/
             write_parquet(self.store.data_url("decontam", 0), schemas.DECONTAM.empty_table())
         matches = self._decontam_rows(n_blocks) if decontam else 0
+        if self.config.base and not self.prefix:
+            stats["base_matched"] = self._base_matched(n_blocks) if decontam else 0
         total = {k: sum(int(p[k]) for p in written) for k in ("in", "out", "duplicates", "contaminated",
                                                               "components")}  # fmt: skip
         stats.update({
@@ -245,6 +262,14 @@ class DedupeStage(Stage):
             for f in fs.find(path):
                 if not f.endswith(".json"):
                     fs.rm(f)
+
+    def _base_matched(self, n_blocks: int) -> int:
+        """New images matching a base image (dropped, with their components, as copies of the base)."""
+        total = 0
+        for b in range(n_blocks):
+            t = read_parquet(self.store.data_url("decontam", b), columns=["uid", "reference"])
+            total += len({u for u, r in zip(t["uid"].to_pylist(), t["reference"].to_pylist()) if r == "base"})
+        return total
 
     def _decontam_rows(self, n_blocks: int) -> int:
         total = 0

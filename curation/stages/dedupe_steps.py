@@ -44,6 +44,10 @@ class RefSet:
     name: str
     embedding_urls: list[str]
     manifest_urls: list[str]
+    threshold: float | None = None
+    """Score above which a pool image matches one of these images (``None``: ``dedupe.decontam_threshold``)."""
+    k: int | None = None
+    """Nearest images of this set searched per pool image (``None``: ``dedupe.k``)."""
 
 
 def _load_refs(job: GraphJob, refs: list[RefSet]) -> tuple[np.ndarray, list[tuple[str, str, dict[str, Any]]]]:
@@ -90,11 +94,20 @@ def refs_part(job: GraphJob, refs: list[RefSet], config: RunConfig, manifest_url
     ref_x, meta = _load_refs(job, refs)
     uids, x, gids = job.load_parts(*job.blocks[index])
     pool_i, ref_i, score = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    if len(x) and len(ref_x):
-        with _threads(1):  # one faiss thread: the same scores on any node
-            sims, ids = knn_search(ref_x, x, min(cfg.k, len(ref_x)), cfg.index)
-        rows, cols = np.nonzero((ids >= 0) & (sims > cfg.decontam_threshold))
-        pool_i, ref_i, score = rows.astype(np.int64), ids[rows, cols], sims[rows, cols].astype(np.float32)
+    start = 0
+    for ref in refs:  # each set searched on its own: its own k and threshold
+        n_ref = sum(1 for m in meta if m[0] == ref.name)
+        sub = ref_x[start:start + n_ref]
+        if len(x) and n_ref:
+            k = min(ref.k or cfg.k, n_ref)
+            with _threads(1):  # one faiss thread: the same scores on any node
+                sims, ids = knn_search(sub, x, k, cfg.index)
+            thr = cfg.decontam_threshold if ref.threshold is None else ref.threshold
+            rows, cols = np.nonzero((ids >= 0) & (sims > thr))
+            pool_i = np.r_[pool_i, rows.astype(np.int64)]
+            ref_i = np.r_[ref_i, ids[rows, cols].astype(np.int64) + start]
+            score = np.r_[score, sims[rows, cols].astype(np.float32)]
+        start += n_ref
     candidates = len(pool_i)
     if job.verify and candidates:
         ok = _verified(job, config, manifest_urls, index, uids, meta, pool_i, ref_i)

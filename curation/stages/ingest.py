@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from curation import schemas
 from curation.config import IngestConfig, RunConfig
 from curation.decode import DecodeLimits, Rejected, inspect_image
-from curation.io.artifacts import MANIFEST_DIR
+from curation.io.artifacts import BASE_COPIES_DIR, MANIFEST_DIR
+from curation.io.chain import base_chain
 from curation.io.fs import get_fs, join, read_json, write_json, write_parquet
 from curation.io.parts import PartStore
 from curation.io.sources import IngestUnit, extension, member_uri, plan_units
@@ -156,11 +157,30 @@ def _group(occ: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
-def collapse_part(store: PartStore, n_scan: int, n_buckets: int, per_task: int, config_hash: str, task: int) -> dict:
+def _in_base(base: list[tuple[str, list[str]]], lo: str, hi: str | None) -> dict[str, str]:
+    """``{uid: base run}`` of the base images with a uid in ``[lo, hi)`` (only the overlapping manifest parts)."""
+    found: dict[str, str] = {}
+    for run_dir, urls in base:
+        for b, url in enumerate(urls):
+            b_lo, b_hi = uid_range(b, len(urls))
+            if (hi is not None and b_lo >= hi) or (b_hi is not None and b_hi <= lo):
+                continue
+            fs, path = get_fs(url)
+            with fs.open(path, "rb") as f:
+                uids = pq.read_table(f, columns=["uid"], filters=[("uid", ">=", lo)] + ([("uid", "<", hi)] if hi
+                                                                                        else []))["uid"]  # fmt: skip
+            found.update((u, run_dir) for u in uids.to_pylist() if u not in found)
+    return found
+
+
+def collapse_part(store: PartStore, n_scan: int, n_buckets: int, per_task: int, config_hash: str, task: int,
+                  base: list[tuple[str, list[str]]] | None = None) -> dict:  # fmt: skip
     """Group accepted occurrences of buckets ``[task * per_task, ...)`` into their ``manifest/part-<bucket>``.
 
     Each task reads every scan part once (pushing the uid range down to Parquet row groups), so the number of
-    reads is scan parts x collapse tasks, whatever the number of manifest parts.
+    reads is scan parts x collapse tasks, whatever the number of manifest parts. In an increment (``base``:
+    ``(run_dir, manifest part URLs)`` of every base run), images whose bytes a base run holds are not new: they
+    go to ``base_copies/part-<bucket>`` (the base uid, the new URIs, the base run) instead of the manifest.
     """
     t0 = time.perf_counter()
     first, last = task * per_task, min(n_buckets, (task + 1) * per_task) - 1
@@ -173,15 +193,23 @@ def collapse_part(store: PartStore, n_scan: int, n_buckets: int, per_task: int, 
             pieces.append(pq.read_table(f, filters=filters, schema=schemas.SOURCES))
     occ = pa.concat_tables(pieces).sort_by([("uid", "ascending"), ("uri", "ascending")])
     rows = _group(occ)
+    known = _in_base(base, lo, hi) if base else {}
+    copies = [{"uid": r["uid"], "uris": r["uris"], "base_run": known[r["uid"]]} for r in rows if r["uid"] in known]
+    rows = [r for r in rows if r["uid"] not in known]
     buckets = bucket_of([r["uid"] for r in rows], n_buckets)
+    copy_buckets = bucket_of([r["uid"] for r in copies], n_buckets)
     for b in range(first, last + 1):
         part = [r for r, rb in zip(rows, buckets) if rb == b]
         write_parquet(store.data_url(MANIFEST_DIR, b), pa.Table.from_pylist(part, schema=schemas.MANIFEST))
+        if base:
+            mine = [r for r, rb in zip(copies, copy_buckets) if rb == b]
+            write_parquet(store.data_url(BASE_COPIES_DIR, b), pa.Table.from_pylist(mine, schema=schemas.BASE_COPIES))
     stats = {
         "part": task,
         "in": occ.num_rows,
         "out": len(rows),
-        "duplicates": occ.num_rows - len(rows),
+        "duplicates": occ.num_rows - len(rows) - len(copies),
+        "base_copies": len(copies),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     store.mark_done("collapse", task, stats, config_hash)
@@ -213,7 +241,8 @@ class IngestStage(Stage):
         self.sources = sources_for(config, prefix)
 
     def config_sections(self) -> tuple[Any, ...]:
-        return (self.config.ingest, self.sources)
+        increment = (self.config.base,) if self.config.base and not self.prefix else ()
+        return (self.config.ingest, self.sources, *increment)
 
     def _plan(self) -> list[IngestUnit]:
         """The work units, listed once and frozen in ``_work/ingest/plan.json`` so resumes see the same parts."""
@@ -238,13 +267,16 @@ class IngestStage(Stage):
         n_buckets = max(1, math.ceil(accepted / cfg.rows_per_part))
         per_task = math.ceil(n_buckets / min(n_buckets, cfg.collapse_tasks))
         n_tasks = math.ceil(n_buckets / per_task)
-        fn = partial(collapse_part, self.store, len(units), n_buckets, per_task, self.config_hash)
+        base = [(b.run_dir, b.manifest_urls) for b in base_chain(self.config)] if not self.prefix else []
+        fn = partial(collapse_part, self.store, len(units), n_buckets, per_task, self.config_hash, base=base or None)
         collapse = self.run_parts(executor, "collapse", n_tasks, fn)
         stats = merge_stats(scan)
         unique = sum(s["out"] for s in collapse)
+        in_base = sum(int(s.get("base_copies", 0)) for s in collapse)
         stats.update(
             out=unique,
-            duplicates=accepted - unique,
+            duplicates=accepted - unique - in_base,
+            base_copies=in_base,
             skipped_non_image=sum(s.get("skipped_non_image", 0) for s in scan),
             rows={"manifest": unique, "rejects": stats["in"] - accepted, "occurrences": stats["in"]},
             manifest_parts=n_buckets,

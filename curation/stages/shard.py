@@ -165,6 +165,23 @@ class ShardStage(Stage):
             if fs.exists(path):
                 fs.rm(path, recursive=True)
 
+    def _base_shards(self) -> list[dict[str, Any]]:
+        """An increment's base shards (name, count, bytes, sha256, run holding the file), oldest first: the newest
+        base run with shards lists its own bases' too. The prefixes must agree so the numbering continues."""
+        if not self.config.base:
+            return []
+        from curation.io.chain import base_chain
+
+        with_shards = [b for b in base_chain(self.config) if b.shards]
+        if not with_shards:
+            return []
+        last = with_shards[-1]
+        prefix = read_json(join(last.run_dir, SHARDS_DIR, "index.json"))["prefix"]
+        if prefix != self.config.shard.prefix:
+            raise ValueError(f"shard.prefix={self.config.shard.prefix!r} but base run {last.run_dir} wrote "
+                             f"{prefix!r} shards: an increment continues its base's numbering under the same prefix")
+        return [{**s, "run": s.get("run", last.run_dir)} for s in last.shards]
+
     def run(self, executor: Executor) -> dict[str, Any]:
         cfg = self.config.shard
         plan = self._plan(executor)
@@ -182,9 +199,10 @@ class ShardStage(Stage):
         plans = [plan_url(self.store, g) for g in range(len(plan["groups"]))]
         log.info("shard: %d shards of <= %d samples from %s (%d groups)", n_shards, cfg.samples_per_shard, source,
                  len(plan["groups"]))  # fmt: skip
-        parts = self.run_parts(
-            executor, "shard", n_shards, partial(shard_part, self.config, self.store, self.config_hash, plans, offsets)
-        )
+        base = self._base_shards()
+        first = len(base)
+        parts = self.run_parts(executor, "shard", n_shards, partial(shard_part, self.config, self.store,
+                                                                    self.config_hash, plans, offsets, first=first))
         shards = [{k: p[k] for k in ("name", "count", "bytes", "sha256")} for p in parts]
         total = sum(s["count"] for s in shards)
         rejected: Counter[str] = Counter()
@@ -193,15 +211,19 @@ class ShardStage(Stage):
         planned = sum(p["in"] for p in parts)
         if selected > planned:
             rejected["unlabelled"] = selected - planned
-        pattern = f"{cfg.prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards else None
+        n_all = first + n_shards
+        pattern = f"{cfg.prefix}-{{{0:06d}..{n_all - 1:06d}}}.tar" if n_all else None
         labelled = sum(p["labelled"] for p in parts)
         if cfg.label_from != "none" and total and not labelled:
             log.warning("shard: shard.label_from=%r found no label for any of the %d samples (written without "
                         ".cls); set shard.classes to the class folder names", cfg.label_from, total)  # fmt: skip
-        index = {"prefix": cfg.prefix, "pattern": pattern, "shards": shards, "count": total,
-                 "bytes": sum(s["bytes"] for s in shards), "selection": source, "seed": self.config.seed,
-                 "shuffle": cfg.shuffle, "labelled": labelled,
+        listed = base + [{**s, "run": self.run_dir} for s in shards] if self.config.base else shards
+        index = {"prefix": cfg.prefix, "pattern": pattern, "shards": listed,
+                 "count": sum(int(s["count"]) for s in listed), "bytes": sum(int(s["bytes"]) for s in listed),
+                 "selection": source, "seed": self.config.seed, "shuffle": cfg.shuffle, "labelled": labelled,
                  "config_hash": self.config_hash}  # fmt: skip
+        if self.config.base:
+            index.update(base=self.config.base, new_shards=n_shards, new_count=total)
         write_json(join(self.store.output, "index.json"), index)
         return {"in": selected, "out": total, "rejected": dict(sorted(rejected.items())),
                 "shards": n_shards, "pattern": pattern, "selection": source, "bytes": index["bytes"],

@@ -130,7 +130,7 @@ def write_tar(f: BinaryIO, samples: list[tuple[str, dict[str, bytes]]]) -> tuple
     return out.bytes, out.sha.hexdigest()
 
 
-def _sample(row: dict[str, Any], config: RunConfig, shard: str) -> tuple[dict[str, bytes], int]:
+def _sample(row: dict[str, Any], config: RunConfig, shard: str, run_dir: str = "") -> tuple[dict[str, bytes], int]:
     """The members of one sample (raises ``DecodeError``/``OSError``/``ValueError`` when unreadable)."""
     cfg = config.shard
     data = read_location(row["uri"], row["container"], int(row["offset"]), int(row["size"]))
@@ -146,6 +146,8 @@ def _sample(row: dict[str, Any], config: RunConfig, shard: str) -> tuple[dict[st
         "selection": {k: row[k] for k in ("reason", "seed_set", "seed_uid", "score", "n_seeds")},
         "label": row["label"], "class": row["class"], "shard": shard,
     }  # fmt: skip
+    if config.base:  # an increment: name the run that brought the image and the base it continues
+        meta["increment"] = {"run": run_dir, "base": config.base}
     members = {ext: img, METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()}
     if row["label"] is not None:
         members[LABEL_KEY] = str(row["label"]).encode()
@@ -153,22 +155,23 @@ def _sample(row: dict[str, Any], config: RunConfig, shard: str) -> tuple[dict[st
 
 
 def shard_part(config: RunConfig, store: PartStore, config_hash: str, plan_urls: Sequence[str],
-               offsets: Sequence[int], index: int) -> dict[str, Any]:  # fmt: skip
-    """Write shard ``index`` (global number; its rows are local shard ``index - offsets[g]`` of group plan
-    ``plan_urls[g]``), then its marker; return its stats (count, bytes, sha256)."""
+               offsets: Sequence[int], index: int, first: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Write shard ``index`` (its rows are local shard ``index - offsets[g]`` of group plan ``plan_urls[g]``) as
+    shard number ``first + index`` (an increment continues its base's numbering), then its marker; return its
+    stats (count, bytes, sha256)."""
     t0 = time.perf_counter()
     group = int(np.searchsorted(np.asarray(offsets), index, side="right")) - 1
     fs, path = get_fs(plan_urls[group])
     with fs.open(path, "rb") as f:
         table = pq.read_table(f, filters=[("shard", "=", index - int(offsets[group]))])
     rows = table.sort_by("position").to_pylist()
-    name = shard_name(config.shard.prefix, index)
+    name = shard_name(config.shard.prefix, first + index)
     samples: list[tuple[str, dict[str, bytes]]] = []
     rejected: Counter[str] = Counter()
     image_bytes = 0
     for row in rows:
         try:
-            members, n = _sample(row, config, name)
+            members, n = _sample(row, config, name, store.root)
         except DecodeError as exc:
             rejected[exc.reason] += 1
             continue
