@@ -220,3 +220,26 @@ def test_chain_of_increments_and_guards(runs):
         cfg = load_run_config("default", [*SETS, f'ingest.sources=["{root / "pool" / "C"}"]', "embed.dtype=float32"],
                               base=str(a))  # fmt: skip
         run_stages(cfg, str(root / "bad"), LocalExecutor())
+
+
+def test_cli_base_option(tmp_path, capsys):
+    """``python -m curation run RECIPE --out NEW --base BASE`` as documented (no Ray: ``--address none``)."""
+    from curation.cli import main
+
+    pics = photos(256)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name, im in pics[:3]:
+        (tmp_path / "a" / f"{name}.jpg").write_bytes(jpeg_bytes(im))
+    (tmp_path / "b" / "same.jpg").write_bytes((tmp_path / "a" / f"{pics[0][0]}.jpg").read_bytes())
+    (tmp_path / "b" / "new.jpg").write_bytes(jpeg_bytes(pics[5][1]))
+    args = ["--address", "none", "--set", "ingest.rows_per_part=4"]
+    assert main(["run", "default", "--out", str(tmp_path / "r1"), *args, "--set",
+                 f'ingest.sources=["{tmp_path / "a"}"]']) == 0  # fmt: skip
+    assert main(["run", "default", "--out", str(tmp_path / "r2"), "--base", str(tmp_path / "r1"), *args, "--set",
+                 f'ingest.sources=["{tmp_path / "b"}"]']) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    summary = json.JSONDecoder().raw_decode(out, out.rindex("\n{\n") + 1)[0]  # the second run's summary
+    assert summary["ingest"]["base_copies"] == 1 and summary["ingest"]["out"] == 1
+    assert 'base = "' in (tmp_path / "r2" / "config.toml").read_text()
+    assert main(["run", "default", "--out", str(tmp_path / "r1"), "--base", str(tmp_path / "r1"), *args]) == 2
