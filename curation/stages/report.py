@@ -9,7 +9,9 @@ look-alikes rejected at the highest); level-1 cluster sizes before and after bal
 largest, smallest and random clusters; the largest copy-detection groups side by side (kept image green, dropped
 copies red, with their similarity); the retrieval neighbourhoods of random seeds (seed blue, retrieved pool images
 by score) and the worst retrievals of every seed set; and a table of every stage's counts and timings. Numbers
-are HTML tables. Images are read back from their sources by manifest location.
+are HTML tables. Images are read back from their sources by manifest location. The dataset card
+(``DATASET_CARD.md`` and its JSON twin ``dataset_card.json``: what went into the shards and why) is written beside
+it (:mod:`curation.stages.report_card`, :mod:`curation.report.card`).
 
 **Memory contract.** The pool is only read by per-part tasks (:mod:`curation.stages.report_data`): cluster
 sizes and copy-detection component sizes are aggregated from per-part counts (components through a bucketed
@@ -47,9 +49,11 @@ from curation.io.artifacts import (
 from curation.io.fs import atomic_write_bytes, exists, get_fs, join, read_json, read_parquet
 from curation.io.parts import PartStore, part_name
 from curation.io.sources import read_location
+from curation.report.card import write_card
 from curation.report.draw import bar_chart, caption_tile, grid_rows, histogram, pair_tile, thumbnail
 from curation.report.tables import funnel_steps, html_table, settings_rows, stage_rows
 from curation.stages.base import Executor, Stage, register_stage
+from curation.stages.report_card import build_card
 from curation.stages.report_data import (
     cluster_members,
     cluster_sizes,
@@ -142,9 +146,10 @@ class ReportStage(Stage):
                             run=html.escape(self.run_dir), body=body)  # fmt: skip
         atomic_write_bytes(join(self.store.output, "index.html"), page.encode())
         pngs = sorted(set(_IMG.findall(page)))
+        card = write_card(build_card(self.config, self.run_dir, executor, recs), self.store.output)
         self._parts_total = self._parts_computed = 1
         return {"in": len([r for r in recs.values() if r]), "out": len(pngs), "rejected": {}, "pngs": pngs,
-                "rows": {"pngs": len(pngs)}}  # fmt: skip
+                "card": card, "rows": {"pngs": len(pngs)}}  # fmt: skip
 
     # sections -----------------------------------------------------------------------------------------------
 
