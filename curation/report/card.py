@@ -95,7 +95,9 @@ def _run(card: Mapping[str, Any]) -> str:
 
 
 def _sources(card: Mapping[str, Any]) -> str:
-    rows = [(f"`{s['source']}`", s["kind"], s["read"], s["rejected"], s["accepted"], s.get("images"),
+    rows = [(f"`{s['source']}`", s["kind"] + (f" ({_v(s['tar_members'])} members of {_v(s['tars'])} tars)"
+                                            if s.get("tars") else ""),
+             s["read"], s["rejected"], s["accepted"], s.get("images"),
              s.get("not embedded"), s.get("duplicate"), s.get("contaminated"), s.get("kept"), s.get("selected"))
             for s in card["sources"]]  # fmt: skip
     note = ("Files and tar members count under the first `ingest.sources` entry naming them (path, directory or "
@@ -109,8 +111,16 @@ def _sources(card: Mapping[str, Any]) -> str:
     return md_table(header, rows) + "\n\n" + note
 
 
+def _dropped(dropped: Mapping[str, int]) -> str:
+    """``rejected: a`` / ``rejected: b`` entries grouped as ``rejected 3 (a 1, b 2)``."""
+    rej = {k.split(": ", 1)[1]: v for k, v in dropped.items() if k.startswith("rejected: ") and v}
+    rest = {k: v for k, v in dropped.items() if not k.startswith("rejected: ")}
+    head = [f"rejected {_v(sum(rej.values()))} ({_v(rej)})"] if rej else []
+    return ", ".join(head + ([_v(rest)] if any(rest.values()) else [])) or "-"
+
+
 def _funnel(card: Mapping[str, Any]) -> str:
-    rows = [(s["stage"], s["step"], s["in"], s["out"], s["dropped"]) for s in card["funnel"]]
+    rows = [(s["stage"], s["step"], s["in"], s["out"], _dropped(s["dropped"])) for s in card["funnel"]]
     out = md_table(["stage", "step", "in", "out", "dropped (why)"], rows) + "\n\nEvery row: in = out + dropped."
     for s in card["funnel"]:
         if s.get("selected_because"):
@@ -124,7 +134,7 @@ def _dedupe(card: Mapping[str, Any]) -> str:
     out += "\n\n" + md_table(["result", "value"], [(k.replace("_", " "), v) for k, v in d["results"].items()])
     comps = d["largest_components"]
     if comps:
-        rows = [(c["component"], c["size"], f"`{c['weakest_uri'] or c['weakest_uid']}`",
+        rows = [(str(c["component"]), c["size"], f"`{c['weakest_uri'] or c['weakest_uid']}`",
                  f"`{c['partner_uri'] or c['partner_uid']}`" if c["partner_uid"] else "-", c["score"])
                 for c in comps]  # fmt: skip
         out += ("\n\nLargest copy components, each with its weakest link (the member whose best partner scores "
@@ -142,18 +152,26 @@ def _decontam(card: Mapping[str, Any]) -> str:
     rows = [(r["name"], r["sources"], r["threshold"], r["images"], r["matches"], r["pool_images_matched"])
             for r in dc["reference_sets"]]  # fmt: skip
     base = any(r.get("base_runs") for r in dc["reference_sets"])
-    note = (" In an increment the base runs are the reference set `base` (its sources are the base runs): a new image "
-            "copying a base image is dropped with its component, counted as contaminated." if base else "")
-    return (f"Matches: {_v(dc['matches'])}; pool images dropped as contaminated: {_v(dc['contaminated_dropped'])} "
-            "(every image of a component touching a reference image)." + note
-            + "\n\n" + md_table(["reference set", "sources", "threshold", "images", "matches", "pool images matched"],
-                                 rows))
+    note = (
+        " In an increment the base runs are the reference set `base` (its sources are the base runs): a new image "
+        "copying a base image is dropped with its component, counted as contaminated."
+        if base
+        else ""
+    )
+    return (
+        f"Matches: {_v(dc['matches'])}; pool images dropped as contaminated: {_v(dc['contaminated_dropped'])} "
+        "(every image of a component touching a reference image)."
+        + note
+        + "\n\n"
+        + md_table(["reference set", "sources", "threshold", "images", "matches", "pool images matched"], rows)
+    )
 
 
 def _clusters(card: Mapping[str, Any]) -> str:
     c = card["clusters"]
-    head = (f"Levels: {' / '.join(str(n) for n in c['levels'])} clusters; balanced sample: "
-            + (f"{_v(c['balanced_sample'])} images ({c['strategy']})." if c["balanced_sample"] else "none."))
+    head = f"Levels: {' / '.join(str(n) for n in c['levels'])} clusters; balanced sample: " + (
+        f"{_v(c['balanced_sample'])} images ({c['strategy']})." if c["balanced_sample"] else "none."
+    )
     rows = [(name, s["clusters"], s["non_empty"], s["images"], s["smallest"], s["median"], s["largest"],
              s["largest_to_smallest"]) for name, s in (("before balancing", c["level1_before"]),
                                                       ("after (balanced sample)", c["level1_after"])) if s]  # fmt: skip
@@ -179,8 +197,10 @@ def _shards(card: Mapping[str, Any]) -> str:
             f"`{s['label_from']}`), {_size(s['bytes'])}; cut from `{s['selection']}`, {order}, at most "
             f"{_v(s['samples_per_shard'])} samples per shard.")  # fmt: skip
     if s.get("new_shards") is not None:
-        head += (f" With the base runs' shards (numbering continues): {_v(s['new_shards'])} shards and "
-                 f"{_v(s['new_count'])} samples are new in this run.")
+        head += (
+            f" With the base runs' shards (numbering continues): {_v(s['new_shards'])} shards and "
+            f"{_v(s['new_count'])} samples are new in this run."
+        )
     runs = any(x.get("run") for x in s["shards"])
     header = ["shard", "samples", "bytes", "sha256"] + (["run"] if runs else [])
     rows = [[x["name"], x["count"], x["bytes"], f"`{x['sha256']}`"] + ([x.get("run")] if runs else [])
@@ -198,7 +218,8 @@ def _provenance(card: Mapping[str, Any]) -> str:
         brows = [(f"`{b['run_dir']}`", b.get("name"), b.get("code_version"), b.get("images"), b.get("shards"),
                   b.get("samples"), b.get("error")) for b in chain]  # fmt: skip
         out += "\n\nBase runs, oldest first:\n\n" + md_table(
-            ["run", "name", "code version", "images", "shards", "samples", "problem"], brows)
+            ["run", "name", "code version", "images", "shards", "samples", "problem"], brows
+        )
     return out
 
 

@@ -117,26 +117,36 @@ def source_matcher(sources: Sequence[str]) -> SourceMatcher:
 def _occurrences_part(run_dir: str, matcher: SourceMatcher, index: int) -> dict[str, Any]:
     t = read_parquet(join(run_dir, "occurrences", part_name(index)), columns=["uri", "container", "status", "reason"])
     read: Counter[int] = Counter()
+    members: Counter[int] = Counter()
+    tars: dict[int, set[str]] = {}
     rejected: dict[int, Counter[str]] = {}
     for uri, container, status, reason in zip(*(t[c].to_pylist() for c in ("uri", "container", "status", "reason"))):
         row = matcher.match(container or uri)
         row = -1 if row is None else row
         read[row] += 1
+        if container:
+            members[row] += 1
+            tars.setdefault(row, set()).add(container)
         if status == "rejected":
             rejected.setdefault(row, Counter())[reason or "unknown"] += 1
-    return {"part": index, "read": dict(read), "rejected": {k: dict(v) for k, v in rejected.items()}}
+    return {"part": index, "read": dict(read), "members": dict(members), "tars": {k: len(v) for k, v in tars.items()},
+            "rejected": {k: dict(v) for k, v in rejected.items()}}  # fmt: skip
 
 
 def occurrence_counts(executor: Executor, run_dir: str, n_parts: int, matcher: SourceMatcher
                       ) -> dict[int, dict[str, Any]]:  # fmt: skip
-    """``{row: {"read": n, "rejected": {reason: n}}}`` over ``occurrences/part-*`` (row -1: matched nothing)."""
+    """``{row: {"read": n, "tar_members": n, "tars": n, "rejected": {reason: n}}}`` over ``occurrences/part-*``
+    (row -1: matched nothing). A tar is scanned by one part, so its count per part adds up."""
     out: dict[int, dict[str, Any]] = {}
     for r in executor.map(partial(_occurrences_part, run_dir, matcher), list(range(n_parts)), desc="card:sources"):
         for row, n in r["read"].items():
-            out.setdefault(int(row), {"read": 0, "rejected": Counter()})["read"] += n
+            o = out.setdefault(int(row), {"read": 0, "tar_members": 0, "tars": 0, "rejected": Counter()})
+            o["read"] += n
+            o["tar_members"] += r["members"].get(row, 0)
+            o["tars"] += r["tars"].get(row, 0)
         for row, reasons in r["rejected"].items():
             out[int(row)]["rejected"].update(reasons)
-    return {k: {"read": v["read"], "rejected": dict(sorted(v["rejected"].items()))} for k, v in out.items()}
+    return {k: {**v, "rejected": dict(sorted(v["rejected"].items()))} for k, v in out.items()}
 
 
 def _span_part(urls: Sequence[str], index: int) -> dict[str, Any]:

@@ -147,9 +147,12 @@ def _sources(executor: Executor, config: Any, run_dir: str, recs: Mapping[str, A
     kinds = [*matcher.kinds, "-"]
     rows = []
     for row in sorted(set(occ) | set(imgs), key=lambda r: r if r >= 0 else len(matcher.labels)):
-        o, i = occ.get(row, {"read": 0, "rejected": {}}), imgs.get(row, {})
-        rows.append({"source": labels[row], "kind": kinds[row], "read": o["read"], "rejected": o["rejected"],
+        o, i = occ.get(row, {"read": 0, "tar_members": 0, "tars": 0, "rejected": {}}), imgs.get(row, {})
+        rows.append({"source": labels[row], "kind": kinds[row], "read": o["read"], "tar_members": o["tar_members"],
+                     "tars": o["tars"], "rejected": o["rejected"],
                      "accepted": o["read"] - sum(o["rejected"].values()), **i})  # fmt: skip
+        if selection is None and "selected" in rows[-1]:
+            rows[-1]["selected"] = None  # no selection yet
     return rows
 
 

@@ -91,6 +91,7 @@ def test_sources_add_up_to_ingest(run):
     assert list(rows) == [pool, tar]  # every occurrence attributed, in source order
     assert rows[pool]["kind"] == "directory" and rows[tar]["kind"] == "tar shard"
     assert rows[pool]["read"] == len(run.truth) + 2 and rows[tar]["read"] == 4  # the .json side file is skipped
+    assert (rows[tar]["tar_members"], rows[tar]["tars"], rows[pool]["tar_members"]) == (4, 1, 0)
     assert sum(r["read"] for r in rows.values()) == ing["in"]
     rejected = Counter()
     for r in rows.values():
@@ -119,6 +120,7 @@ def test_funnel_numbers_add_up(run):
     assert steps[2]["dropped"] == {k: v for k, v in ded["rejected"].items() if v}
     assert steps[3]["selected_because"] == sel["reasons"] and steps[-1]["out"] == sha["out"]
     assert "Every row: in = out + dropped." in run.md
+    assert "| rejected 1 (not_image 1), exact duplicate (same bytes) 2 |" in run.md
 
 
 def test_dedupe_and_decontamination_match_the_outputs(run):
@@ -257,3 +259,16 @@ def test_increment_card_names_its_base_and_lists_every_shard(tmp_path):
         data = Path(s["run"], "shards", s["name"]).read_bytes()
         assert s["sha256"] == hashlib.sha256(data).hexdigest() and s["bytes"] == len(data)
     assert f"{sh['new_shards']} shards and {sh['new_count']} samples are new in this run" in md
+
+
+def test_shards_without_a_recorded_sha256_are_hashed_by_tasks(run, tmp_path):
+    from curation.stages.report_card import _shards
+
+    index = read_json(f"{run.out}/shards/index.json")
+    (tmp_path / "shards").mkdir()
+    for s in index["shards"]:
+        (tmp_path / "shards" / s["name"]).write_bytes(Path(run.out, "shards", s["name"]).read_bytes())
+    index["shards"] = [{k: v for k, v in s.items() if k != "sha256"} for s in index["shards"]]
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
+    got = _shards(LocalExecutor(), run.cfg, str(tmp_path), {"out": index["count"]})
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in run.card["shards"]["shards"]]
