@@ -1,0 +1,160 @@
+"""Contrastive loss pieces of the instance-discrimination lineage, in fp32 whatever the autocast dtype.
+
+- :func:`info_nce` - InfoNCE of queries against their positive key and a set of negative keys: MoCo v1/v2
+  (negatives = the queue of past keys, He et al. 2020) or, with ``negatives=None``, the other keys of the global
+  batch (MoCo v3, Chen et al. 2021; InvaSpread, Ye et al. 2019), keys gathered across ranks.
+- :func:`nt_xent` - SimCLR's normalised-temperature cross entropy (Chen et al. 2020): the 2N views of a batch, each
+  against its partner view, every other view of the global batch a negative, gathered with gradients.
+- :class:`MemoryBank`, :func:`nce_loss`, :func:`bank_softmax_loss` - InstDisc (Wu et al. 2018): one normalised
+  128-d vector per training instance, proximal momentum update of the entries seen, NCE against ``m`` noise
+  entries drawn uniformly (``P_n = 1/n``, normaliser ``Z`` estimated once) or the full softmax over the bank.
+
+Logits are computed in log space (``logsumexp`` / ``logaddexp``), so extreme similarities or temperatures give
+finite losses. Gathered tensors need the same per-rank batch size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pretrain.utils.dist import all_gather_with_grad, is_dist, rank, world_size
+
+__all__ = ["MemoryBank", "bank_softmax_loss", "estimate_nce_z", "info_nce", "nce_loss", "nt_xent"]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor | None = None,
+             temperature: float = 0.07, normalize: bool = True) -> torch.Tensor:  # fmt: skip
+    """Mean InfoNCE of ``query`` (N, D) against its ``key`` (N, D).
+
+    With ``negatives`` (K, D) (MoCo's queue) the logits of row i are ``[q_i.k_i, q_i.n_1 .. q_i.n_K] / T`` with
+    target 0. Without, the keys of every rank are gathered (with gradients) and row i's target is its own key
+    among the global batch (``rank * N + i``): the other instances' keys are the negatives.
+    """
+    if query.shape != key.shape or query.ndim != 2:
+        raise ValueError(f"query and key must both be (N, D), got {tuple(query.shape)} and {tuple(key.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    q, k = (_unit(query), _unit(key)) if normalize else (query.float(), key.float())
+    if negatives is not None:
+        neg = _unit(negatives) if normalize else negatives.float()
+        logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ neg.T], dim=1) / temperature
+        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    else:
+        keys = all_gather_with_grad(k)
+        logits = q @ keys.T / temperature
+        target = torch.arange(len(q), device=q.device) + rank() * len(q)
+    return F.cross_entropy(logits, target)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR's NT-Xent of the two views ``z1``, ``z2`` (N, D) of this rank's N images.
+
+    All 2N' views of the global batch (N' = N x ranks, gathered with gradients) are the candidates of each local
+    view; its partner view is the positive, itself is excluded. Returns this rank's mean over its 2N views: with
+    data-parallel gradient averaging, exactly the single-process loss on the concatenated batch.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n, r = len(z1), rank()
+    a, b = _unit(z1), _unit(z2)
+    ga, gb = all_gather_with_grad(a), all_gather_with_grad(b)
+    total = len(ga)
+    views = torch.cat([ga, gb])  # global order: every rank's view 1, then every rank's view 2
+    local = torch.cat([a, b])
+    rows = torch.cat([torch.arange(n) + r * n, torch.arange(n) + total + r * n]).to(z1.device)
+    logits = local @ views.T / temperature
+    logits = logits.masked_fill(F.one_hot(rows, 2 * total).bool(), float("-inf"))  # a view is not its own candidate
+    target = torch.cat([rows[n:], rows[:n]])
+    return F.cross_entropy(logits, target)
+
+
+class MemoryBank:
+    """One unit vector per training instance (InstDisc's memory bank), identical on every rank.
+
+    Entries start as random unit vectors (seeded). :meth:`update` moves the entries of a batch towards the new
+    features, ``v_i <- normalize(m v_i + (1 - m) f_i)`` (the proximal update; InstDisc uses m = 0.5), after
+    gathering every rank's (index, feature) pairs so all ranks apply the same update.
+    """
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5, seed: int = 0) -> None:
+        if size < 2 or dim < 1:
+            raise ValueError(f"a memory bank needs size >= 2 and dim >= 1, got size={size}, dim={dim}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        g = torch.Generator().manual_seed(seed)
+        self.vectors = _unit(torch.randn(size, dim, generator=g))
+        self.momentum = momentum
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def to(self, device: torch.device | str) -> MemoryBank:
+        self.vectors = self.vectors.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"vectors": self.vectors.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["vectors"].shape != self.vectors.shape:
+            raise ValueError(f"memory bank shape {tuple(state['vectors'].shape)} != {tuple(self.vectors.shape)}")
+        self.vectors = state["vectors"].to(self.vectors.device, torch.float32).clone()
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """Apply the momentum update for ``features`` (N, D) of instances ``indices`` (N,) of every rank."""
+        idx, f = indices.long(), _unit(features.detach())
+        if is_dist() and world_size() > 1:
+            parts_i = [torch.empty_like(idx) for _ in range(world_size())]
+            parts_f = [torch.empty_like(f) for _ in range(world_size())]
+            dist.all_gather(parts_i, idx)
+            dist.all_gather(parts_f, f)
+            idx, f = torch.cat(parts_i), torch.cat(parts_f)
+        mixed = self.momentum * self.vectors[idx] + (1.0 - self.momentum) * f
+        self.vectors[idx] = _unit(mixed)  # a repeated index: the last occurrence wins, on every rank alike
+
+
+def estimate_nce_z(features: torch.Tensor, bank: MemoryBank, noise: torch.Tensor, temperature: float) -> float:
+    """InstDisc's Monte-Carlo normaliser ``Z ~ n x mean(exp(v . f / T))`` over the noise entries of a batch."""
+    scores = (_unit(features)[:, None, :] * bank.vectors[noise]).sum(-1) / temperature
+    log_z = torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel()) + math.log(len(bank))
+    return float(log_z.exp())
+
+
+def nce_loss(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank, noise: torch.Tensor,
+             temperature: float = 0.07, z: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Mean NCE loss of InstDisc: each feature's own bank entry is the data sample, ``noise`` (N, m) bank indices
+    drawn uniformly are the noise samples.
+
+    ``P(i|v) = exp(v . f_i / T) / Z``, ``h = P / (P + m P_n)`` with ``P_n = 1/n``;
+    loss = ``-log h(own) - sum over noise of log(1 - h(noise))``, averaged over the batch.
+    """
+    if noise.ndim != 2 or len(noise) != len(features):
+        raise ValueError(f"noise must be (N, m) bank indices for N={len(features)} features, got {tuple(noise.shape)}")
+    if z <= 0 or temperature <= 0:
+        raise ValueError(f"z and temperature must be > 0, got z={z}, temperature={temperature}")
+    v = _unit(features)
+    log_mpn = math.log(noise.shape[1] / len(bank))
+    own = (v * bank.vectors[indices.long()]).sum(-1) / temperature - math.log(z)
+    other = (v[:, None, :] * bank.vectors[noise.long()]).sum(-1) / temperature - math.log(z)
+    log_h = own - torch.logaddexp(own, torch.full_like(own, log_mpn))
+    log_1mh = log_mpn - torch.logaddexp(other, torch.full_like(other, log_mpn))
+    return -(log_h + log_1mh.sum(dim=1)).mean()
+
+
+def bank_softmax_loss(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank,
+                      temperature: float = 0.07) -> torch.Tensor:  # fmt: skip
+    """InstDisc's full non-parametric softmax: cross entropy of ``v . f_j / T`` over every bank entry ``j``,
+    target the instance's own entry."""
+    logits = _unit(features) @ bank.vectors.T / temperature
+    return F.cross_entropy(logits, indices.long())
