@@ -10,7 +10,7 @@ import logging
 import sys
 
 COMMANDS = {
-    "train": ("pretrain.train", "pretrain (or continue) a DINOv2 model from a TOML recipe"),
+    "train": ("pretrain.train", "train (or continue) any method from a TOML recipe (DINOv2 by default)"),
     "distill": ("pretrain.distill", "distil a frozen teacher into one or more smaller students"),
     "eval": ("pretrain.eval.cli", "k-NN / linear-probe evaluation and feature export of any backbone"),
     "demo": ("infra.demo", "the end-to-end CPU demo (curation -> pretraining -> evaluation)"),

@@ -1,6 +1,7 @@
 """The DINOv2 objective's losses and teacher-target normalisations, each in fp32 whatever the autocast dtype.
 
-- :func:`sinkhorn_knopp` and :class:`SoftmaxCenter` turn teacher logits into targets (no gradient).
+- :func:`sinkhorn_knopp` and :class:`SoftmaxCenter` turn teacher logits into targets (no gradient);
+  :func:`teacher_probs` picks one of them.
 - :func:`dino_loss` (CLS, multi-crop), :func:`ibot_loss` (masked patches), :func:`koleo_loss` (spread of CLS).
 
 Cross-rank statistics (Sinkhorn sums, centers) are reduced over the default process group when one exists; the
@@ -12,6 +13,7 @@ from pretrain.losses.dino import dino_loss, n_dino_pairs
 from pretrain.losses.ibot import ibot_loss, masked_patch_weights
 from pretrain.losses.koleo import koleo_loss
 from pretrain.losses.sinkhorn import sinkhorn_knopp
+from pretrain.losses.targets import teacher_probs
 
 __all__ = [
     "SoftmaxCenter",
@@ -21,4 +23,5 @@ __all__ = [
     "masked_patch_weights",
     "n_dino_pairs",
     "sinkhorn_knopp",
+    "teacher_probs",
 ]

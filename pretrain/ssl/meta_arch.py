@@ -3,7 +3,8 @@
 The teacher (backbone + heads) is a copy of the student that gets no gradients, runs without drop-path in eval
 mode and sees only the global crops. The student sees the masked global crops and the local crops in one packed
 forward. Each objective term has a weight; 0 switches it off, so plain DINO and plain iBOT are configurations
-of the same code. No parallelism lives here: ``pretrain.parallel`` shards ``student`` and ``teacher``.
+of the same code. No parallelism lives here: ``pretrain.parallel`` shards ``student`` and ``teacher``, and
+:mod:`pretrain.methods.dinov2` runs this architecture in the Trainer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, teacher_probs
 from pretrain.models import build_backbone
 from pretrain.models.heads import HeadsConfig, build_heads
 from pretrain.parallel.ema import ema_update_
@@ -84,11 +85,7 @@ class LossConfig:
 def teacher_targets_from_logits(logits: torch.Tensor, cfg: LossConfig, center: SoftmaxCenter, temp: float
                                 ) -> torch.Tensor:
     """Teacher probabilities: Sinkhorn-Knopp, or softmax with the EMA ``center`` (used, then updated)."""
-    if cfg.centering == "sinkhorn":
-        return sinkhorn_knopp(logits, temp, cfg.sinkhorn_iters)
-    probs = center.teacher_probs(logits, temp)
-    center.update(logits)
-    return probs
+    return teacher_probs(logits, temp, centering=cfg.centering, center=center, sinkhorn_iters=cfg.sinkhorn_iters)
 
 
 def head_logits(net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor | None

@@ -125,7 +125,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys with the dotted field name."""
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys with the dotted field name.
+
+    A class with a ``resolve_config_class(data)`` classmethod may pick a subclass to build from the data (e.g.
+    ``pretrain.config.TrainConfig`` builds the config class of the recipe's ``method``).
+    """
+    resolve = getattr(cls, "resolve_config_class", None)
+    if callable(resolve):
+        try:
+            cls = resolve(data)
+        except ValueError as exc:
+            raise ValueError(f"{prefix}.{exc}" if prefix else str(exc)) from None
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

@@ -1,0 +1,24 @@
+"""Training methods, one per module, each implementing :class:`pretrain.methods.base.Method`.
+
+A recipe selects one with ``method = "<name>"`` (default ``"dinov2"``); :func:`get_method` looks it up. Importing
+this package registers the built-in methods: ``dinov2`` (DINOv2 pretraining) and ``distill`` (DINOv2 distillation
+of a frozen teacher into students).
+"""
+
+from pretrain.methods.base import METHODS, LossOutput, Method, Part, Views, get_method, register_method
+from pretrain.methods.dinov2 import DINOv2Config, DINOv2Method
+from pretrain.methods.distill import DistillConfig, DistillMethod
+
+__all__ = [
+    "METHODS",
+    "DINOv2Config",
+    "DINOv2Method",
+    "DistillConfig",
+    "DistillMethod",
+    "LossOutput",
+    "Method",
+    "Part",
+    "Views",
+    "get_method",
+    "register_method",
+]
