@@ -1,17 +1,22 @@
-"""Backbones (DINOv2 ViT family) and heads; no parallelism lives here."""
+"""Backbones (DINOv2 ViT family, torchvision-layout ResNets) and heads; no parallelism lives here."""
 
 from .factory import (
     ARCHS,
+    RESNET_ARCHS,
     backbone_config,
     backbone_names,
     build_backbone,
+    build_model,
     check_state_dict,
     export_backbone,
+    is_resnet,
     normalize_state_dict,
 )
+from .resnet import ResNet, ResNetConfig
 from .vit import DinoVisionTransformer, ViTConfig
 
 __all__ = [
-    "ARCHS", "DinoVisionTransformer", "ViTConfig", "backbone_config", "backbone_names", "build_backbone",
-    "check_state_dict", "export_backbone", "normalize_state_dict",
+    "ARCHS", "RESNET_ARCHS", "DinoVisionTransformer", "ResNet", "ResNetConfig", "ViTConfig", "backbone_config",
+    "backbone_names", "build_backbone", "build_model", "check_state_dict", "export_backbone", "is_resnet",
+    "normalize_state_dict",
 ]

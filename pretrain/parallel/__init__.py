@@ -15,8 +15,14 @@ from pretrain.parallel.dist import (
     init_distributed,
     read_launch_env,
 )
-from pretrain.parallel.ema import assert_same_sharding, ema_update_, local_tensor
-from pretrain.parallel.parallelize import DEFAULT_FP32_MODULES, backbone_modules, mixed_precision_policy, parallelize
+from pretrain.parallel.ema import assert_same_sharding, ema_buffers_, ema_update_, local_tensor
+from pretrain.parallel.parallelize import (
+    DEFAULT_FP32_MODULES,
+    backbone_modules,
+    mixed_precision_policy,
+    parallelize,
+    resnet_stages,
+)
 
 __all__ = [
     "DEFAULT_FP32_MODULES",
@@ -28,6 +34,7 @@ __all__ = [
     "barrier",
     "destroy_distributed",
     "device_mesh",
+    "ema_buffers_",
     "ema_update_",
     "get_dist_info",
     "init_distributed",
@@ -35,4 +42,5 @@ __all__ = [
     "mixed_precision_policy",
     "parallelize",
     "read_launch_env",
+    "resnet_stages",
 ]

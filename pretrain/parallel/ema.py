@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["assert_same_sharding", "ema_update_", "local_tensor"]
+__all__ = ["assert_same_sharding", "ema_buffers_", "ema_update_", "local_tensor"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -81,3 +81,24 @@ def ema_update_(
         return
     torch._foreach_mul_(t_local, momentum)
     torch._foreach_add_(t_local, s_local, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def ema_buffers_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """In place: floating buffers (BatchNorm running statistics) follow the same EMA, others (counters) are copied.
+
+    FSDP2 does not shard buffers, so each rank updates its own replica, without communication. A no-op for
+    models without buffers (the ViTs and heads).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum={momentum} must lie in [0, 1]")
+    t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
+    if len(t_bufs) != len(s_bufs):
+        raise ValueError(f"teacher has {len(t_bufs)} buffers but student has {len(s_bufs)}")
+    for t, s in zip(t_bufs, s_bufs):
+        if t.shape != s.shape:
+            raise ValueError(f"buffer shapes differ: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
+        if t.is_floating_point():
+            t.lerp_(s.to(t.dtype), 1.0 - momentum)
+        else:
+            t.copy_(s)

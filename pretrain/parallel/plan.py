@@ -30,10 +30,10 @@ _ADAMW_BYTES = 16  # fp32 param + fp32 grad + two fp32 AdamW moments, per local 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UnitPlan:
-    """One FSDP unit (a block, a backbone root, a head)."""
+    """One FSDP unit (a block, a ResNet stage or its norms, a backbone root, a head)."""
 
     name: str
-    """Qualified module name (``""`` for the model itself)."""
+    """Qualified module name (``""`` for the model itself); ``a+b`` or ``a+N more`` for modules sharded together."""
     compute_dtype: str
     """Dtype the unit's parameters are gathered in for compute."""
     numel: int
@@ -102,10 +102,19 @@ def _units(model: nn.Module) -> list[UnitPlan]:
     from torch.distributed.fsdp import FSDPModule
 
     fsdp_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+    groups: dict[int, list[tuple[str, nn.Module]]] = {}  # modules sharded together (a list) share one state
+    for name, module in fsdp_modules:
+        groups.setdefault(id(module._get_fsdp_state()), []).append((name, module))
     owned: set[int] = set()
     units = []
-    for name, module in reversed(fsdp_modules):  # innermost first: a parent unit manages what is left
-        params = [p for p in module.parameters() if id(p) not in owned]
+    for _, module in reversed(fsdp_modules):  # innermost first: a parent unit manages what is left
+        members = groups.pop(id(module._get_fsdp_state()), None)
+        if members is None:  # a group already counted at its last member
+            continue
+        names = [n for n, _ in members]
+        name = "+".join(names) if len(names) <= 2 else f"{names[0]}+{len(names) - 1} more"
+        params = [p for _, m in members for p in m.parameters() if id(p) not in owned]
+        params = list({id(p): p for p in params}.values())
         owned.update(id(p) for p in params)
         policy = module._get_fsdp_state()._mp_policy  # the policy FSDP applies to this unit
         dtype = policy.param_dtype or (params[0].dtype if params else torch.float32)

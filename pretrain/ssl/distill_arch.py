@@ -29,7 +29,7 @@ from torch import nn
 from pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss
 from pretrain.models import backbone_names, build_backbone
 from pretrain.models.heads import HeadsConfig, build_heads
-from pretrain.parallel.ema import ema_update_
+from pretrain.parallel.ema import ema_buffers_, ema_update_
 from pretrain.ssl.meta_arch import LossConfig, head_logits, teacher_targets_from_logits
 
 logger = logging.getLogger(__name__)
@@ -191,9 +191,10 @@ class DistillMetaArch(nn.Module):
         nets = {}
         for s in students:
             net = build_backbone(s.arch, weights=s.weights, drop_path_rate=0.0, **s.overrides)
-            if net.patch_size != self.patch_size:
+            if self.use_ibot and net.patch_size != self.patch_size:
                 raise ValueError(f"students.overrides.patch_size of {s.name} is {net.patch_size} but the teacher's "
-                                 f"is {self.patch_size}: iBOT on all patches needs the same patch grid")
+                                 f"is {self.patch_size}: iBOT on all patches needs the same patch grid (or set "
+                                 "loss.ibot_weight = 0, as ResNet students need)")
             nets[s.name] = nn.ModuleDict({"backbone": net, **build_heads(self.heads_cfg, net.embed_dim)})
             if feature_weight > 0:  # linear map of the student's CLS into the teacher's feature space
                 nets[s.name]["feature_head"] = nn.Linear(net.embed_dim, backbone.embed_dim)
@@ -292,3 +293,4 @@ class DistillMetaArch(nn.Module):
         """The loop's EMA step: ``ema <- m * ema + (1 - m) * student`` for every student (the teacher is frozen)."""
         for name, student in self.students.items():
             ema_update_(self.emas[name].parameters(), student.parameters(), momentum)
+            ema_buffers_(self.emas[name], student, momentum)  # BatchNorm statistics of ResNet students
