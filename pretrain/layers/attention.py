@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rope import apply_rope
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "xformers", "sdpa", "math")
 
 #: A packed batch layout: one ``(n_images, seq_len)`` pair per crop group, in concatenation order.
 Layout = Sequence[tuple[int, int]]
+#: Per crop group: ``None`` or the rotary ``(cos, sin, prefix)`` of its patch tokens (:mod:`pretrain.layers.rope`).
+Rope = Sequence[tuple[torch.Tensor, torch.Tensor, int] | None] | None
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,20 +86,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout | None = None, rope: Rope = None) -> torch.Tensor:
         """Attend within each image.
 
         Args:
             x: ``(B, N, D)`` for one crop group, or ``(T, D)`` packed tokens of several groups when ``layout`` is
                 given (``T = sum(b * n for b, n in layout)``).
             layout: the packed layout; attention never crosses image boundaries.
+            rope: per crop group, ``None`` or ``(cos, sin, prefix)``: queries and keys of its tokens after the
+                first ``prefix`` (CLS, registers) are rotated by the ``(N - prefix, head_dim)`` tables
+                (:mod:`pretrain.layers.rope`), on every backend.
         """
         if layout is None:
             b, n, d = x.shape
-            return self.forward(x.reshape(b * n, d), [(b, n)]).reshape(b, n, d)
+            return self.forward(x.reshape(b * n, d), [(b, n)], rope).reshape(b, n, d)
         t, d = x.shape
         backend = resolve_backend(self.backend, x.device)
         qkv = self.qkv(x).reshape(t, 3, self.num_heads, self.head_dim)
+        if rope is not None:
+            qkv = self._rotate(qkv, layout, rope)
         if backend == "xformers":
             out = self._xformers(qkv, layout)
         else:
@@ -106,6 +115,23 @@ class Attention(nn.Module):
                 outs.append(o.transpose(1, 2).reshape(b * n, d))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.proj(out)
+
+    def _rotate(self, qkv: torch.Tensor, layout: Layout, rope: list) -> torch.Tensor:
+        """Rotate the queries and keys of every crop group that has rotary tables."""
+        if len(rope) != len(layout):
+            raise ValueError(f"rope has {len(rope)} entries for {len(layout)} crop groups")
+        out = []
+        for chunk, (b, n), r in zip(qkv.split([b * n for b, n in layout]), layout, rope):
+            if r is None:
+                out.append(chunk)
+                continue
+            cos, sin, prefix = r
+            c = chunk.reshape(b, n, 3, self.num_heads, self.head_dim)
+            qk = c[:, prefix:, :2].permute(0, 2, 3, 1, 4)  # (b, 2, H, N - prefix, Dh)
+            qk = apply_rope(qk, cos, sin).permute(0, 3, 1, 2, 4)
+            c = torch.cat([c[:, :prefix], torch.cat([qk, c[:, prefix:, 2:]], dim=2)], dim=1)
+            out.append(c.reshape(b * n, 3, self.num_heads, self.head_dim))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _xformers(self, qkv: torch.Tensor, layout: Layout) -> torch.Tensor:
         from xformers.ops import memory_efficient_attention

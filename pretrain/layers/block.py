@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, Rope
 from .ffn import Mlp, SwiGLUFFN
 
 
@@ -57,17 +57,19 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     # Branches take packed tokens (T, D) with their layout and return (T, D).
-    def _attn_branch(self, x: torch.Tensor, layout: list[tuple[int, int]]) -> torch.Tensor:
-        return self.ls1(self.attn(self.norm1(x), layout))
+    def _attn_branch(self, x: torch.Tensor, layout: list[tuple[int, int]], rope: Rope = None) -> torch.Tensor:
+        y = self.norm1(x)
+        return self.ls1(self.attn(y, layout) if rope is None else self.attn(y, layout, rope))
 
     def _mlp_branch(self, x: torch.Tensor, layout: list[tuple[int, int]]) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """Apply the block to one ``(B, N, D)`` tensor or a list of crop groups (returns the same structure)."""
+    def forward(self, x: torch.Tensor | list[torch.Tensor], rope: Rope = None) -> torch.Tensor | list[torch.Tensor]:
+        """Apply the block to one ``(B, N, D)`` tensor or a list of crop groups (returns the same structure);
+        ``rope``: per crop group, the rotary tables of its patch tokens (see :meth:`Attention.forward`)."""
         if isinstance(x, torch.Tensor):
-            return self.forward([x])[0]
-        xs = self._residual(list(x), self._attn_branch)
+            return self.forward([x], rope)[0]
+        xs = self._residual(list(x), lambda flat, layout: self._attn_branch(flat, layout, rope))
         return self._residual(xs, self._mlp_branch)
 
     def _residual(self, xs: list[torch.Tensor], branch: Callable) -> list[torch.Tensor]:

@@ -1,7 +1,9 @@
 """The DINOv2 Vision Transformer (official architecture and parameter names), free of any parallelism.
 
 Token order is ``[CLS, registers..., patches...]``; position embeddings are added before the registers are
-inserted, so registers carry none. Position embeddings are stored for ``img_size`` and interpolated for any
+inserted, so registers carry none. With ``pos_embed = "rope"`` (DINOv3) there are no stored embeddings: every block
+rotates the patch tokens' queries and keys (:mod:`pretrain.layers.rope`), at any resolution. Learned position
+embeddings are stored for ``img_size`` and interpolated for any
 input whose sides are multiples of the patch size, in the two official modes: plain checkpoints use a scale
 factor with a 0.1 offset and no antialias, register checkpoints an exact size with antialias.
 """
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.layers import BACKENDS, Block, PatchEmbed
+from pretrain.layers import BACKENDS, AxialRope, Block, PatchEmbed
 
 
 @dataclass(kw_only=True)
@@ -50,6 +52,16 @@ class ViTConfig:
     "'auto', 'xformers', 'sdpa' or 'math'."
     in_chans: int = 3
     "Input channels."
+    pos_embed: str = "learned"
+    "'learned' (DINOv2: stored embeddings, interpolated per resolution) or 'rope' (DINOv3: axial 2-D RoPE)."
+    rope_base: float = 100.0
+    "RoPE period base (periods base^(2k / (head_dim / 2)))."
+    rope_shift: float | None = None
+    "RoPE training augmentation: coordinates shifted by uniform [-shift, shift] per axis (None: off)."
+    rope_jitter: float | None = None
+    "RoPE training augmentation: each axis scaled by log-uniform [1/jitter, jitter] (None: off)."
+    rope_rescale: float | None = 2.0
+    "RoPE training augmentation: both axes scaled by log-uniform [1/rescale, rescale] (DINOv3: 2; None: off)."
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans"):
@@ -69,6 +81,11 @@ class ViTConfig:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
         if self.interpolate_offset < 0:
             raise ValueError(f"interpolate_offset must be >= 0, got {self.interpolate_offset}")
+        if self.pos_embed not in ("learned", "rope"):
+            raise ValueError(f"pos_embed must be 'learned' or 'rope', got {self.pos_embed!r}")
+        if self.pos_embed == "rope" and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"pos_embed='rope' needs a head width (embed_dim / num_heads = "
+                             f"{self.embed_dim // self.num_heads}) divisible by 4")  # fmt: skip
 
 
 class DinoVisionTransformer(nn.Module):
@@ -85,7 +102,13 @@ class DinoVisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         grid = cfg.img_size // cfg.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, d))
+        self.rope: AxialRope | None = None
+        if cfg.pos_embed == "rope":  # no stored position embeddings: rotary tables per grid
+            self.pos_embed = None
+            self.rope = AxialRope(d // cfg.num_heads, base=cfg.rope_base, shift=cfg.rope_shift,
+                                  jitter=cfg.rope_jitter, rescale=cfg.rope_rescale)  # fmt: skip
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, d))
         n_reg = cfg.num_register_tokens
         self.register_tokens = nn.Parameter(torch.zeros(1, n_reg, d)) if n_reg else None
         self.mask_token = nn.Parameter(torch.zeros(1, d))
@@ -101,7 +124,8 @@ class DinoVisionTransformer(nn.Module):
     # ----------------------------------------------------------------- init and configuration
     def init_weights(self) -> None:
         """DINOv2 init: trunc-normal(0.02) Linear weights and pos_embed, N(0, 1e-6) cls/registers, zero mask token."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
@@ -163,7 +187,8 @@ class DinoVisionTransformer(nn.Module):
                                  f"got {tuple(masks.shape)}")
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
         tokens = torch.cat((self.cls_token.expand(b, -1, -1).to(tokens.dtype), tokens), dim=1)
-        tokens = tokens + self.interpolate_pos_encoding(tokens.shape[1] - 1, h, w)
+        if self.pos_embed is not None:
+            tokens = tokens + self.interpolate_pos_encoding(tokens.shape[1] - 1, h, w)
         if self.register_tokens is not None:
             regs = self.register_tokens.expand(b, -1, -1).to(tokens.dtype)
             tokens = torch.cat((tokens[:, :1], regs, tokens[:, 1:]), dim=1)
@@ -197,9 +222,17 @@ class DinoVisionTransformer(nn.Module):
         if len(masks_list) != len(xs):
             raise ValueError(f"got {len(xs)} crop groups but {len(masks_list)} masks")
         tokens = [self.prepare_tokens(x, m) for x, m in zip(xs, masks_list)]
+        rope = self._rope_tables(xs)
         for blk in self.blocks:
-            tokens = blk(tokens)
+            tokens = blk(tokens, rope)
         return [self._outputs(t, m) for t, m in zip(tokens, masks_list)]
+
+    def _rope_tables(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
+        """Rotary tables per crop group (one augmentation draw per group in training), or None."""
+        if self.rope is None:
+            return None
+        p, prefix = self.patch_size, 1 + self.num_register_tokens
+        return [(*self.rope(x.shape[-2] // p, x.shape[-1] // p, x.device), prefix) for x in xs]
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """The normalised CLS token ``(B, D)``."""
@@ -216,9 +249,10 @@ class DinoVisionTransformer(nn.Module):
         if not wanted or min(wanted) < 0 or max(wanted) >= self.n_blocks:
             raise ValueError(f"n={n!r} selects blocks outside 0..{self.n_blocks - 1}")
         tokens = self.prepare_tokens(x)
+        rope = self._rope_tables([x])
         outputs = []
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens)
+            tokens = blk(tokens, rope)
             if i in wanted:
                 outputs.append(tokens)
         if norm:
