@@ -1,4 +1,4 @@
-"""``python -m curation``: run a recipe, run one stage, or ask for an image's lineage."""
+"""``python -m curation``: run a recipe, run one stage, ask for an image's lineage, or plan a run's cost."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from curation.config import RunConfig
+from curation.plan.cli import add_plan_parser, plan_output
 from pretrain.utils.config import load_config
 
 __all__ = ["lineage_cmd", "load_run_config", "main", "run_cmd", "stage_cmd", "stage_status"]
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     lin = sub.add_parser("lineage", help=lineage_cmd.__doc__, description=lineage_cmd.__doc__)
     lin.add_argument("run_dir")
     lin.add_argument("uri")
+    add_plan_parser(sub)
     return p
 
 
@@ -112,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_cmd(args.recipe, args.out, args.overrides, args.address, args.base)
         elif args.cmd == "stage":
             result = stage_cmd(args.name, args.recipe, args.out, args.overrides, args.address)
+        elif args.cmd == "plan":
+            print(plan_output(args))
+            return 0
         else:
             result = lineage_cmd(args.run_dir, args.uri)
     except ValueError as exc:
