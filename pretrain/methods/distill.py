@@ -25,6 +25,7 @@ from pretrain.data.augment import MultiCropConfig
 from pretrain.data.masking import MaskingConfig
 from pretrain.methods.base import LossOutput, Method, Part, Views, register_method
 from pretrain.methods.dinov2 import FORWARD_METHODS, export_backbone_with_config, vit_flops
+from pretrain.models import ViTConfig
 from pretrain.optim import ScheduleValues, build_param_groups
 from pretrain.ssl.distill_arch import DistillMetaArch, StudentConfig, TeacherConfig
 from pretrain.ssl.meta_arch import LossConfig
@@ -116,8 +117,11 @@ class DistillMethod(Method):
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
         return metrics
 
-    def flops_per_sample(self, batch: dict[str, Any]) -> float:
+    def flops_per_sample(self, batch: dict[str, Any]) -> float | None:
         """The teacher forward on the global crops plus forward + backward of every student on all crops."""
+        nets = [self.arch.teacher, *self.arch.students.values()]
+        if not all(isinstance(n["backbone"].cfg, ViTConfig) for n in nets):
+            return None  # the FLOP model is the ViT's (e.g. ResNet students)
         g, loc = batch["global_crops"], batch.get("local_crops")
         flops = vit_flops(self.arch.teacher["backbone"], g) + sum(
             3 * (vit_flops(s["backbone"], g) + vit_flops(s["backbone"], loc)) for s in self.arch.students.values())

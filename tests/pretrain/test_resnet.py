@@ -460,3 +460,24 @@ def test_fsdp_bf16_keeps_norms_in_fp32(fsdp_results):
         assert r["bf16_param_dtypes"] == ["torch.float32"] and r["bf16_buffer_dtypes"] == ["torch.float32"]
         assert r["bf16_loss"] == pytest.approx(r["bf16_ref_loss"], rel=5e-2)
         assert r["bf16_loss"] != r["bf16_ref_loss"]
+
+
+def test_distillation_run_exports_a_resnet_student(tmp_path):
+    """The distill CLI end to end with a ResNet student (iBOT off): its EMA export carries BatchNorm statistics."""
+    from pretrain.distill import main
+
+    from .test_distill import TINY, make_teacher, overrides
+    from .trainer_utils import write_shards
+
+    urls = write_shards(tmp_path / "shards", n=16, per_shard=16)
+    teacher = make_teacher(tmp_path / "teacher")
+    sets = overrides(urls, teacher, **{"students": '[{name = "r", arch = "resnet_test"}]',
+                                       "loss.ibot_weight": "0.0", "feature_weight": "1.0"})
+    assert main([TINY, "--out", str(tmp_path / "run"), *[a for kv in sets for a in ("--set", kv)]]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and all(np.isfinite(m["r/dino"]) and m["r/feature"] > 0 for m in metrics)
+    ema = build_backbone(None, weights=str(tmp_path / "run" / "export" / "r.pth")).eval()
+    assert isinstance(ema, ResNet) and ema.cfg.width == 8
+    assert ema.bn1.num_batches_tracked > 0 and ema.bn1.running_mean.abs().sum() > 0  # statistics followed
+    with torch.inference_mode():
+        assert ema(torch.randn(2, 3, 28, 28)).shape == (2, 64)
