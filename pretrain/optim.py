@@ -130,6 +130,8 @@ class ScheduleValues:
     weight_decay: float
     momentum: float
     teacher_temp: float
+    step: int = -1
+    """The iteration these values are for (-1: not given)."""
 
 
 class Schedules:
@@ -152,7 +154,8 @@ class Schedules:
         tw = c.teacher_temp_warmup_iters
         temp = cosine_schedule(step, base=c.teacher_temp, final=c.teacher_temp, total=tw, warmup=tw,
                                start=c.warmup_teacher_temp)
-        return ScheduleValues(lr=lr, last_layer_lr=last_lr, weight_decay=wd, momentum=momentum, teacher_temp=temp)
+        return ScheduleValues(lr=lr, last_layer_lr=last_lr, weight_decay=wd, momentum=momentum, teacher_temp=temp,
+                              step=step)
 
 
 @dataclasses.dataclass(kw_only=True)

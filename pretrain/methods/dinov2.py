@@ -89,8 +89,12 @@ class DINOv2Method(Method):
 
     def parts(self) -> list[Part]:
         arch = self.arch
-        return [Part("student", arch.student, "trained", forward_methods=FORWARD_METHODS),
-                Part("teacher", arch.teacher, "ema", ema_of="student", forward_methods=FORWARD_METHODS)]
+        parts = [Part("student", arch.student, "trained", forward_methods=FORWARD_METHODS),
+                 Part("teacher", arch.teacher, "ema", ema_of="student", forward_methods=FORWARD_METHODS)]
+        if arch.gram_teacher is not None:  # sharded like the student (and the teacher it is copied from)
+            parts.append(Part("gram_teacher", arch.gram_teacher, "ema", ema_of="student",
+                              forward_methods=FORWARD_METHODS))
+        return parts
 
     def views(self, crops: MultiCropConfig) -> Views:
         return Views(crops=crops, patch_size=self.arch.student["backbone"].patch_size, masking=self.cfg.data.masking)
@@ -103,11 +107,18 @@ class DINOv2Method(Method):
         return dict(self.arch.student.named_children())
 
     def compute_losses(self, batch: dict[str, Any], values: ScheduleValues) -> LossOutput:
-        return self.arch.compute_losses(batch, values.teacher_temp)
+        if self.arch.gram_teacher is not None and values.step == self.cfg.loss.gram_start:
+            self.arch.refresh_gram_teacher()  # Gram anchoring starts: the Gram teacher is the current EMA teacher
+        return self.arch.compute_losses(batch, values.teacher_temp, values.step)
 
     def after_step(self, values: ScheduleValues) -> None:
-        """The teacher EMA of the student (``SSLMetaArch.update_teacher``)."""
+        """The teacher EMA of the student (``SSLMetaArch.update_teacher``); the Gram teacher refresh on its
+        schedule (every ``loss.gram_refresh_every`` iterations after ``loss.gram_start``)."""
         self.arch.update_teacher(values.momentum)
+        loss = self.cfg.loss
+        done = values.step + 1 - loss.gram_start
+        if self.arch.gram_teacher is not None and done > 0 and done % loss.gram_refresh_every == 0:
+            self.arch.refresh_gram_teacher()
 
     def monitor(self, out: dict[str, Any]) -> dict[str, float]:
         ex = out["extras"]

@@ -65,6 +65,16 @@ class LossConfig:
     """Sinkhorn-Knopp iterations."""
     koleo_distributed: bool = False
     """KoLeo nearest neighbours over the global batch (all ranks) instead of the per-rank batch."""
+    gram_weight: float = 0.0
+    """Gram anchoring (DINOv3, :func:`pretrain.losses.gram.gram_loss`): weight of the loss between the student's
+    and the Gram teacher's patch-similarity matrices on the global crops; 0 disables it (no Gram teacher)."""
+    gram_start: int = 0
+    """Iteration from which Gram anchoring applies; the Gram teacher is the EMA teacher copied then."""
+    gram_refresh_every: int = 10_000
+    """The Gram teacher is refreshed from the EMA teacher every this many iterations after ``gram_start``
+    (DINOv3: 10k)."""
+    gram_clamp: str = "none"
+    """Negative similarities zeroed in 'both' Gram matrices, only the 'teacher''s, or 'none'."""
 
     def __post_init__(self) -> None:
         for name in ("dino_weight", "ibot_weight", "koleo_weight"):
@@ -80,6 +90,11 @@ class LossConfig:
             raise ValueError(f"loss.center_momentum must be in [0, 1), got {self.center_momentum}")
         if self.sinkhorn_iters < 1:
             raise ValueError(f"loss.sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
+        if self.gram_weight < 0 or self.gram_start < 0 or self.gram_refresh_every < 1:
+            raise ValueError("loss.gram_weight and loss.gram_start must be >= 0 and loss.gram_refresh_every >= 1, got "
+                             f"{self.gram_weight}, {self.gram_start}, {self.gram_refresh_every}")  # fmt: skip
+        if self.gram_clamp not in ("none", "both", "teacher"):
+            raise ValueError(f"loss.gram_clamp must be 'none', 'both' or 'teacher', got {self.gram_clamp!r}")
 
 
 def teacher_targets_from_logits(logits: torch.Tensor, cfg: LossConfig, center: SoftmaxCenter, temp: float
@@ -113,6 +128,9 @@ class SSLMetaArch(nn.Module):
             blk.drop_path = 0.0
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        # Gram teacher (DINOv3): a snapshot of the EMA teacher, refreshed on a schedule; same structure as the
+        # student so it is sharded like it and the copy from the teacher stays shard-local.
+        self.gram_teacher = copy.deepcopy(self.teacher) if loss.gram_weight > 0 else None
         self.dino_center = SoftmaxCenter(heads.out_dim, loss.center_momentum)
         ibot_dim = heads.ibot_out_dim if heads.separate_ibot_head else heads.out_dim
         self.ibot_center = SoftmaxCenter(ibot_dim, loss.center_momentum)
@@ -120,7 +138,19 @@ class SSLMetaArch(nn.Module):
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses drop-path or train-mode behaviour
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
+
+    def gram_active(self, step: int) -> bool:
+        """Gram anchoring applies at iteration ``step``."""
+        return self.gram_teacher is not None and step >= self.loss_cfg.gram_start
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """Gram teacher <- EMA teacher (shard-local copy)."""
+        for g, t in zip(self.gram_teacher.parameters(), self.teacher.parameters(), strict=True):
+            g.copy_(t)
 
     @property
     def use_ibot(self) -> bool:
@@ -142,7 +172,8 @@ class SSLMetaArch(nn.Module):
         return {"cls_logits": cls_logits, "dino_probs": dino_probs, "ibot_probs": ibot_probs,
                 "cls": out["x_norm_clstoken"]}
 
-    def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    def compute_losses(self, batch: dict[str, Any], teacher_temp: float, step: int = -1
+                       ) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
         """Total loss (with gradients into the student) and its parts, from a collated multi-crop batch.
 
         ``batch`` keys: ``global_crops`` (2B, 3, H, W) and ``local_crops`` (nB, 3, h, w), both crop-major;
@@ -177,6 +208,13 @@ class SSLMetaArch(nn.Module):
             g_cls = outs[0]["x_norm_clstoken"]
             parts["koleo"] = sum(koleo_loss(c, distributed=cfg.koleo_distributed) for c in g_cls.chunk(2))
             total = total + cfg.koleo_weight * parts["koleo"]
+        if self.gram_active(step):
+            from pretrain.losses.gram import gram_loss
+
+            with torch.no_grad():
+                gram_patches = self.gram_teacher["backbone"].forward_features(g)["x_norm_patchtokens"]
+            parts["gram"] = gram_loss(outs[0]["x_norm_patchtokens"], gram_patches, cfg.gram_clamp)
+            total = total + cfg.gram_weight * parts["gram"]
         parts["total"] = total
         extras = {"teacher_cls_logits": teacher["cls_logits"], "teacher_probs": teacher["dino_probs"],
                   "student_cls_logits": s_cls_logits[:n_global], "student_cls": outs[0]["x_norm_clstoken"],
