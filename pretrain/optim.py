@@ -242,19 +242,25 @@ def param_table(model: nn.Module, *, layerwise_decay: float = 0.9, patch_embed_l
     return rows
 
 
-def build_param_groups(model: nn.Module, cfg: OptimConfig | None = None, *, n_blocks: int | None = None) -> list[dict]:
+def build_param_groups(model: nn.Module, cfg: OptimConfig | None = None, *, n_blocks: int | None = None,
+                       split_backbone: bool = False) -> list[dict]:  # fmt: skip
     """AdamW param groups fused by (lr_multiplier, wd_multiplier, is_last_layer); see :func:`param_table`.
 
     Each group carries ``params``, ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer`` and ``n_params``;
-    :func:`apply_schedules` sets its ``lr`` / ``weight_decay`` every step.
+    :func:`apply_schedules` sets its ``lr`` / ``weight_decay`` every step. With ``split_backbone`` the
+    ``backbone.*`` parameters never share a group with the heads (``is_backbone`` marks theirs), so a method can
+    give the backbone its own lr (continued pretraining).
     """
     cfg = cfg or OptimConfig()
-    groups: dict[tuple[float, float, bool], dict] = {}
+    groups: dict[tuple[float, float, bool, bool], dict] = {}
     for row in param_table(model, layerwise_decay=cfg.layerwise_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult,
                            n_blocks=n_blocks):
-        key = (row["lr_multiplier"], row["wd_multiplier"], row["is_last_layer"])
+        backbone = split_backbone and row["name"].startswith("backbone.")
+        key = (row["lr_multiplier"], row["wd_multiplier"], row["is_last_layer"], backbone)
         group = groups.setdefault(key, {"params": [], "lr_multiplier": key[0], "wd_multiplier": key[1],
                                         "is_last_layer": key[2], "n_params": 0})
+        if split_backbone:
+            group["is_backbone"] = backbone
         group["params"].append(row["param"])
         group["n_params"] += row["param"].numel()
     if not groups:

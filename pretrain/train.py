@@ -189,6 +189,7 @@ class Trainer:
         """One optimisation step; returns its metrics, or None when it was skipped as non-finite."""
         values = phase.schedules.at(step - phase.start)
         apply_schedules(self.optimizer, values)
+        self.method.adjust_lr(self.optimizer, values)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         t0 = time.perf_counter()
         self.method.train_mode()

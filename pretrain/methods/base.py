@@ -143,6 +143,11 @@ class Method(ABC):
             return torch.optim.SGD(groups, lr=0.0)
         return build_optimizer(groups, self.cfg.optim)
 
+    def adjust_lr(self, optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
+        """After the schedules set every group's lr for this step: a method's own changes (e.g. a backbone frozen,
+        then warmed up, while continuing from released weights). Default: none."""
+        return None
+
     # ------------------------------------------------------------------ one step
     @abstractmethod
     def compute_losses(self, batch: dict[str, Any], values: ScheduleValues) -> LossOutput:

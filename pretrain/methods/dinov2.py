@@ -23,6 +23,7 @@ from pretrain.checkpoint import ModelState, OptimizerState, full_state_dict
 from pretrain.config import MaskedDataConfig, TrainConfig
 from pretrain.data.augment import MultiCropConfig
 from pretrain.methods.base import LossOutput, Method, Part, Views, register_method
+from pretrain.methods.head_warmup import HeadWarmupConfig, lr_groups, target_stats
 from pretrain.metrics import vit_forward_flops
 from pretrain.models import export_backbone
 from pretrain.models.heads import HeadsConfig
@@ -51,6 +52,9 @@ class DINOv2Config(TrainConfig):
     """Objective weights and target normalisation."""
     data: MaskedDataConfig
     """Shards, crops, masking."""
+    head_warmup: HeadWarmupConfig = dataclasses.field(default_factory=HeadWarmupConfig)
+    """Continuing from a released backbone (``backbone.weights``): train the fresh heads first
+    (:mod:`pretrain.methods.head_warmup`); off by default."""
 
 
 def vit_flops(backbone: nn.Module, crops: torch.Tensor | None) -> float:
@@ -85,7 +89,13 @@ class DINOv2Method(Method):
     arch: SSLMetaArch
 
     def build(self) -> SSLMetaArch:
-        return SSLMetaArch(self.cfg.backbone, self.cfg.heads, self.cfg.loss)
+        arch = SSLMetaArch(self.cfg.backbone, self.cfg.heads, self.cfg.loss)
+        if self.cfg.head_warmup.enabled:  # the iteration the backbone was unfrozen (-1: still frozen), checkpointed
+            arch.register_buffer("backbone_unfrozen_at", torch.tensor(-1, dtype=torch.long))
+        return arch
+
+    def _frozen(self) -> bool:
+        return self.cfg.head_warmup.enabled and int(self.arch.backbone_unfrozen_at) < 0
 
     def parts(self) -> list[Part]:
         arch = self.arch
@@ -100,7 +110,14 @@ class DINOv2Method(Method):
         return Views(crops=crops, patch_size=self.arch.student["backbone"].patch_size, masking=self.cfg.data.masking)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return build_param_groups(self.arch.student, self.cfg.optim)
+        return build_param_groups(self.arch.student, self.cfg.optim, split_backbone=self.cfg.head_warmup.enabled)
+
+    def adjust_lr(self, optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
+        """Head warm-up: backbone lr 0 while frozen, then its own linear warm-up."""
+        if self.cfg.head_warmup.enabled:
+            factor = self.cfg.head_warmup.backbone_factor(values.step, int(self.arch.backbone_unfrozen_at))
+            for group in lr_groups(optimizer):
+                group["lr"] *= factor
 
     def clip_modules(self) -> dict[str, nn.Module]:
         """Backbone, dino_head and ibot_head, each clipped separately (as DINOv2)."""
@@ -109,12 +126,25 @@ class DINOv2Method(Method):
     def compute_losses(self, batch: dict[str, Any], values: ScheduleValues) -> LossOutput:
         if self.arch.gram_teacher is not None and values.step == self.cfg.loss.gram_start:
             self.arch.refresh_gram_teacher()  # Gram anchoring starts: the Gram teacher is the current EMA teacher
-        return self.arch.compute_losses(batch, values.teacher_temp, values.step)
+        frozen = self._frozen()
+        loss, out = self.arch.compute_losses(batch, values.teacher_temp, values.step, freeze_backbone=frozen)
+        if self.cfg.head_warmup.enabled:
+            ex = out["extras"]
+            ent, agree = target_stats(ex["teacher_probs"], ex["student_cls_logits"])
+            self._warmup_stats = (ent, agree)
+            out["losses"].update(warmup_entropy=torch.tensor(ent), warmup_agreement=torch.tensor(agree),
+                                 backbone_frozen=torch.tensor(float(frozen)))  # fmt: skip
+        return loss, out
 
     def after_step(self, values: ScheduleValues) -> None:
         """The teacher EMA of the student (``SSLMetaArch.update_teacher``); the Gram teacher refresh on its
         schedule (every ``loss.gram_refresh_every`` iterations after ``loss.gram_start``)."""
         self.arch.update_teacher(values.momentum)
+        warm = self.cfg.head_warmup
+        if self._frozen() and warm.informative(values.step, *self._warmup_stats):
+            self.arch.backbone_unfrozen_at.fill_(values.step + 1)
+            logger.info("head warm-up done after %d iterations (target entropy %.3f of log K, agreement %.3f): "
+                        "the backbone trains from now on", values.step + 1, *self._warmup_stats)  # fmt: skip
         loss = self.cfg.loss
         done = values.step + 1 - loss.gram_start
         if self.arch.gram_teacher is not None and done > 0 and done % loss.gram_refresh_every == 0:

@@ -172,8 +172,8 @@ class SSLMetaArch(nn.Module):
         return {"cls_logits": cls_logits, "dino_probs": dino_probs, "ibot_probs": ibot_probs,
                 "cls": out["x_norm_clstoken"]}
 
-    def compute_losses(self, batch: dict[str, Any], teacher_temp: float, step: int = -1
-                       ) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    def compute_losses(self, batch: dict[str, Any], teacher_temp: float, step: int = -1,
+                       freeze_backbone: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
         """Total loss (with gradients into the student) and its parts, from a collated multi-crop batch.
 
         ``batch`` keys: ``global_crops`` (2B, 3, H, W) and ``local_crops`` (nB, 3, h, w), both crop-major;
@@ -188,7 +188,8 @@ class SSLMetaArch(nn.Module):
         teacher = self.teacher_targets(g, mask_idx, teacher_temp)
 
         crops = [g] if loc is None or loc.shape[0] == 0 else [g, loc]
-        outs = self.student["backbone"].forward_features_list(crops, [masks] + [None] * (len(crops) - 1))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):  # head warm-up: heads only
+            outs = self.student["backbone"].forward_features_list(crops, [masks] + [None] * (len(crops) - 1))
         s_cls = torch.cat([o["x_norm_clstoken"] for o in outs])  # view-major: globals then locals
         s_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if self.use_ibot else None
         s_cls_logits, s_patch_logits = head_logits(self.student, s_cls, s_patches)
