@@ -8,6 +8,7 @@ of a frozen teacher into students).
 from pretrain.methods.base import METHODS, LossOutput, Method, Part, Views, get_method, register_method
 from pretrain.methods.dinov2 import DINOv2Config, DINOv2Method
 from pretrain.methods.distill import DistillConfig, DistillMethod
+from pretrain.methods.moco import MoCoConfig, MoCoMethod
 
 __all__ = [
     "METHODS",
@@ -17,6 +18,8 @@ __all__ = [
     "DistillMethod",
     "LossOutput",
     "Method",
+    "MoCoConfig",
+    "MoCoMethod",
     "Part",
     "Views",
     "get_method",
