@@ -1,15 +1,17 @@
 """Measure the CPU figures of the cost plan's throughput table (``curation/plan/throughput.toml``).
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \\
-        .venv/bin/python bench/plan_calibrate.py [--sizes 558,279] [--models sscd,vits14,vitb14,vitl14] [--write]
+        .venv/bin/python bench/plan_calibrate.py [--sizes 558,279] [--repeats 2] [--models sscd,vitl14] [--write]
 
 1. Real curation runs: the copy benchmark's real photos and edited copies (:mod:`curation.verify.bench_data`, the
    pool of ``bench/verify_cost.py``) written as files, the first N of them per size, each run with the user's
    command ``python -m curation run photos --out RUN --set ingest.sources=[POOL] ...`` (in-process Ray on every
    CPU; parts of 128 files / rows so every stage runs several tasks). Per-unit costs come from the parts' own
    ``seconds`` (markers under ``_work/``) and the stages' ``_SUCCESS.json`` (CPU-seconds per file, image,
-   candidate pair, selected sample; worker peak RSS; bytes on disk per output row); each stage's fixed overhead is
-   its measured wall minus what the plan's model gives for that run without it (mean over the sizes).
+   candidate pair, selected sample: the geometric mean over ``--repeats`` runs per size, since a shared machine's
+   load changes from one minute to the next; worker peak RSS; bytes on disk per output row); each
+   stage's fixed overhead is its measured wall minus what the plan's model gives for that run without it (the
+   same geometric mean over the repeats, then the mean over the sizes).
 2. Kernels on one thread: scored vector pairs of the dedupe join at two dimensions (seconds = a + b x dim per
    pair), faiss nearest-centroid search and spherical k-means per dot product, one row group read of a bucketed
    shuffle file, decode + resize of the pool's images, and the neural embedders' forward pass on CPU
@@ -129,6 +131,18 @@ def run_figures(r: dict[str, Any], image_bytes: float) -> dict[str, dict[str, fl
                          "features_fraction": ded["verified_images"] / n, "cc_rounds": ded["cc_rounds"],
                          "image_bytes": image_bytes},
     }  # fmt: skip
+
+
+def pooled(per_run: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The runs' figures together: per-unit seconds the geometric mean over the runs (other jobs on a shared machine
+    slow a run down by a factor), peak RSS the largest, bytes per row and the pool's properties from the first
+    (largest) run."""
+    out = {k: dict(v) for k, v in per_run[0].items()}
+    for section in ("ingest", "embed.cpu", "dedupe", "cluster", "retrieve", "shard"):
+        for key in out[section]:
+            out[section][key] = float(np.exp(np.mean(np.log([max(r[section][key], 1e-12) for r in per_run]))))
+    out["rss"] = {k: max(r["rss"][k] or 0.0 for r in per_run) for k in out["rss"]}
+    return out
 
 
 def kernels() -> dict[str, dict[str, float]]:
@@ -251,15 +265,18 @@ def embedders(pool: Path, models: list[str], device: str, batch: int = 2) -> dic
             model, size = build_backbone(name).eval(), 224
         model = model.to(device)
         x = torch.randn(batch, 3, size, size, device=device)
+        times = []
         with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
             model(x)  # warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-        out[name] = (time.perf_counter() - t0) / batch
+            for _ in range(2):  # best of two: the forward pass's speed, not the neighbours' load
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model(x)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        out[name] = min(times) / batch
         print(f"  {name}: {out[name]:.3g} s per image ({device})", flush=True)
         del model
     return out
@@ -323,7 +340,8 @@ class _Embedder:
 
 
 def overheads(runs: list[dict[str, Any]], figures: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Per stage: measured wall minus the plan's model of that run (with no stage overhead), mean over the runs."""
+    """Per stage: measured wall (geometric mean over the repeats of a size) minus the plan's model of that run with no
+    stage overhead, mean over the sizes."""
     from curation.cli import load_run_config
     from curation.plan import Assumptions, estimate_plan, uniform_cluster
     from curation.plan.table import table_from_dict
@@ -337,17 +355,21 @@ def overheads(runs: list[dict[str, Any]], figures: dict[str, dict[str, float]]) 
     data["embed"]["gpu"] = {"command": "-", "machine": "-", "measured": False, "basis": "-"}
     table = table_from_dict(data)
     out: dict[str, list[float]] = {s: [] for s in OUTPUTS}
+    by_size: dict[int, list[dict[str, Any]]] = {}
     for r in runs:
-        rec = r["recs"]
+        by_size.setdefault(r["recs"]["ingest"]["in"], []).append(r)
+    for size, same in by_size.items():  # the stage walls' geometric mean over the repeats, as the unit costs
+        rec = same[0]["recs"]
         n = rec["ingest"]["out"]
-        fb = run_figures(r, figures["funnel.bench"]["image_bytes"])["funnel.bench"]
+        fb = run_figures(same[0], figures["funnel.bench"]["image_bytes"])["funnel.bench"]
         assume = Assumptions(**fb, keep_fraction=rec["dedupe"]["out"] / n)
-        cfg = load_run_config("photos", [f'ingest.sources=["{r["run"]}"]', *SETS])
-        plan = estimate_plan(cfg, rec["ingest"]["in"], uniform_cluster(1, os.cpu_count() or 1), table, assume)
+        cfg = load_run_config("photos", [f'ingest.sources=["{same[0]["run"]}"]', *SETS])
+        plan = estimate_plan(cfg, size, uniform_cluster(1, os.cpu_count() or 1), table, assume)
         for est in plan.stages:
-            out[est.name].append(float(rec[est.name]["seconds"]) - est.wall_s)
-            print(f"  {r['run'].name} {est.name}: measured {rec[est.name]['seconds']:.2f} s, modelled "
-                  f"{est.wall_s:.2f} s without overhead", flush=True)  # fmt: skip
+            wall = float(np.exp(np.mean(np.log([max(float(r["recs"][est.name]["seconds"]), 1e-3) for r in same]))))
+            out[est.name].append(wall - est.wall_s)
+            print(f"  {size} images, {est.name}: measured {wall:.2f} s, modelled {est.wall_s:.2f} s without "
+                  "overhead", flush=True)  # fmt: skip
     return {s: max(0.0, float(np.mean(v))) for s, v in out.items()}
 
 
@@ -367,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--machine", default=f"{os.cpu_count()}-core VM, no GPU ({platform.processor() or 'CPU'})")
     ap.add_argument("--write", action="store_true", help="write the measured sections into the table")
     ap.add_argument("--work", default="", help="keep pools and runs here (a finished run is reused)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per size (the machine's load varies: figures are "
+                    "the mean over the runs)")  # fmt: skip
     args = ap.parse_args(argv)
     command = "python bench/plan_calibrate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     with tempfile.TemporaryDirectory(prefix="plan_calibrate_") as tmp_dir:
@@ -374,8 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         pool = tmp / "pool"
         total, image_bytes = write_pool(pool)
         runs = []
-        for size in (int(s) for s in args.sizes.split(",")):
-            sub, run = tmp / f"pool{size}", tmp / f"run{size}"
+        for rep, size in ((r, int(s)) for r in range(args.repeats) for s in args.sizes.split(",")):
+            sub, run = tmp / f"pool{size}", tmp / f"run{size}-{rep}"
             if not sub.exists():
                 sub.mkdir()
                 for f in sorted(pool.iterdir())[:size]:
@@ -384,9 +408,10 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(cached_run(run))
             else:
                 runs.append(curation_run(sub, run))
-            print(f"run of {size} images: {runs[-1]['wall']:.1f} s wall; stages " + ", ".join(
+            wall = "reused" if runs[-1]["wall"] != runs[-1]["wall"] else f"{runs[-1]['wall']:.1f} s wall"
+            print(f"run of {size} images: {wall}; stages " + ", ".join(
                 f"{s} {r['seconds']:.1f} s" for s, r in runs[-1]["recs"].items()), flush=True)  # fmt: skip
-        figures = run_figures(runs[0], image_bytes)
+        figures = pooled([run_figures(r, image_bytes) for r in runs])
         for section, vals in kernels().items():
             figures.setdefault(section, {}).update(vals)
         emb = embedders(pool, [m for m in args.models.split(",") if m], args.device)

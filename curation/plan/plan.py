@@ -63,6 +63,8 @@ def _notes(cfg: RunConfig, stage: StageEstimate, cluster: Cluster) -> list[str]:
         if slow.step.name.startswith("train (IVF"):
             hint = ("; its cost grows with the square of the IVF lists (images x dedupe.replicas / dedupe.list_rows): "
                     "raise dedupe.list_rows")  # fmt: skip
+        elif slow.step.name.startswith("train (k-means"):
+            hint = "; it runs on cluster.train_cpus threads of one node: raise cluster.train_cpus"
         notes.append(f"{stage.name}: step '{slow.step.name}' is a single task and takes {slow.wall_s / 3600:.3g} h "
                      f"of the stage's {stage.wall_s / 3600:.3g} h: more nodes do not shorten it{hint}")  # fmt: skip
     memory = min((g.memory_gb for g in cluster.groups if g.memory_gb), default=0.0)

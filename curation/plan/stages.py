@@ -170,9 +170,10 @@ def dedupe(cfg: RunConfig, f: Flow, t: ThroughputTable, a: Assumptions, c: Clust
             Step(name="bucket", tasks=f.parts, threads=d.index.threads or 1, cpu_s=n * nlist * dim * sdot,
                  rss_mb=base + (rows * r * (dim * 6 + 40) + nlist * dim * 4) / _MB, scratch=n * r * (dim * 2 + 60)),
         ]  # fmt: skip
-        n_join = _ceil(n * r / d.block_rows)
+        n_join = max(1, min(nlist, math.ceil(n * r / d.block_rows)))  # lists packed into ~block_rows groups
+        join_mb = max(d.block_rows, list_len) * (dim * 4 * 2 + d.k * 24) / _MB
         steps.append(Step(name="join (IVF)", tasks=n_join, cpu_s=_pair_s(t, nlist * list_len**2 / 2, dim),
-                          reads=n_join * f.parts, rss_mb=base + block_mb, scratch=n * edge_k * 24))  # fmt: skip
+                          reads=n_join * f.parts, rss_mb=base + join_mb, scratch=n * edge_k * 24))  # fmt: skip
     if d.verify:
         cand = n * min(d.max_candidates, a.candidates_per_image)
         split = _ceil(cand / (d.verify_task_pairs * blocks))
