@@ -20,8 +20,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["LARS"]
+__all__ = ["LARS", "lars_param_groups"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -81,3 +82,20 @@ class LARS(torch.optim.Optimizer):
                 _local(p).sub_(buf)
         return loss
 
+
+def lars_param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two groups for :class:`LARS` over ``model``'s trainable parameters: weights (decayed and adapted) and the
+    1-D ones - biases and batch-norm scales and shifts in a ResNet + MLP - with ``lars=False`` and
+    ``wd_multiplier=0`` (SimCLR's ``exclude_from_weight_decay=['batch_normalization', 'bias']``, which its LARS
+    also applies to the adaptation). Groups carry ``lr_multiplier`` / ``wd_multiplier`` for
+    ``pretrain.optim.apply_schedules`` and ``n_params``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for lars in (True, False):
+        ps = [p for p in params if (p.ndim > 1) == lars]
+        if ps:
+            groups.append({"params": ps, "lars": lars, "wd_multiplier": float(lars), "lr_multiplier": 1.0,
+                           "n_params": sum(p.numel() for p in ps)})
+    if not groups:
+        raise ValueError("the model has no trainable parameter")
+    return groups

@@ -40,7 +40,7 @@ from pretrain.methods.base import LossOutput, Method, Part, Views, register_meth
 from pretrain.methods.dinov2 import export_backbone_with_config
 from pretrain.models import build_backbone, is_resnet
 from pretrain.optim import ScheduleValues
-from pretrain.optim_lars import LARS
+from pretrain.optim_lars import LARS, lars_param_groups
 
 __all__ = ["SimCLRConfig", "SimCLRMethod", "SimCLRSection", "build_finetune_start", "projection_head",
            "simclr_crops"]
@@ -165,12 +165,7 @@ class SimCLRMethod(Method):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Weights (decayed, LARS-adapted) and biases + BN parameters (neither), as SimCLR's exclusion list."""
-        params = [(n, p) for n, p in self.arch.named_parameters() if p.requires_grad]
-        decay = [p for _, p in params if p.ndim > 1]
-        plain = [p for _, p in params if p.ndim <= 1]
-        return [{"params": ps, "lars": lars, "wd_multiplier": float(lars), "lr_multiplier": 1.0,
-                 "n_params": sum(p.numel() for p in ps)}
-                for ps, lars in ((decay, True), (plain, False)) if ps]
+        return lars_param_groups(self.arch)
 
     def clip_modules(self) -> dict[str, nn.Module]:
         return {"backbone": self.arch["backbone"], "head": self.arch["head"]}
