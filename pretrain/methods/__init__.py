@@ -9,6 +9,7 @@ from pretrain.methods.base import METHODS, LossOutput, Method, Part, Views, get_
 from pretrain.methods.dinov2 import DINOv2Config, DINOv2Method
 from pretrain.methods.distill import DistillConfig, DistillMethod
 from pretrain.methods.moco import MoCoConfig, MoCoMethod
+from pretrain.methods.mocov3 import MoCoV3Config, MoCoV3Method
 from pretrain.methods.simclr import SimCLRConfig, SimCLRMethod
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "Method",
     "MoCoConfig",
     "MoCoMethod",
+    "MoCoV3Config",
+    "MoCoV3Method",
     "Part",
     "SimCLRConfig",
     "SimCLRMethod",
