@@ -84,6 +84,11 @@ class ScheduleConfig:
     """Teacher temperature warm-up length in epochs (then constant)."""
     freeze_last_layer_epochs: float = 1
     """Epochs during which the prototype layer(s) get lr 0."""
+    lr_milestones: list[float] = dataclasses.field(default_factory=list)
+    """Epochs of a step lr schedule (MoCo v1: [120, 160] of 200): after the warm-up the lr stays at its peak and is
+    multiplied by ``lr_step_gamma`` at each milestone. Empty: the cosine decay to ``min_lr``."""
+    lr_step_gamma: float = 0.1
+    """Factor of the step schedule at each milestone."""
 
     def __post_init__(self) -> None:
         positive = ("epoch_length", "epochs", "lr_reference_batch", "teacher_temp", "warmup_teacher_temp")
@@ -98,6 +103,10 @@ class ScheduleConfig:
         for name in ("momentum_teacher", "final_momentum_teacher"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"schedule.{name} must be in [0, 1], got {getattr(self, name)}")
+        if any(m <= 0 for m in self.lr_milestones) or sorted(self.lr_milestones) != list(self.lr_milestones):
+            raise ValueError(f"schedule.lr_milestones must be increasing epochs > 0, got {self.lr_milestones}")
+        if not 0.0 < self.lr_step_gamma <= 1.0:
+            raise ValueError(f"schedule.lr_step_gamma must be in (0, 1], got {self.lr_step_gamma}")
         if self.warmup_iters + self.freeze_last_layer_iters >= self.total_iters:
             raise ValueError(
                 f"schedule.warmup_epochs ({self.warmup_epochs}) + freeze_last_layer_epochs "
@@ -149,6 +158,9 @@ class Schedules:
         lr = cosine_schedule(step, base=self.peak_lr, final=c.min_lr, total=total, warmup=warmup)
         freeze = c.freeze_last_layer_iters
         last_lr = cosine_schedule(step, base=self.peak_lr, final=c.min_lr, total=total, warmup=warmup, freeze=freeze)
+        if c.lr_milestones and step >= warmup:  # the step schedule replaces the cosine after the warm-up
+            lr = self.peak_lr * c.lr_step_gamma ** sum(step >= m * c.epoch_length for m in c.lr_milestones)
+            last_lr = 0.0 if step < freeze else lr
         wd = cosine_schedule(step, base=c.weight_decay, final=c.weight_decay_end, total=total)
         momentum = cosine_schedule(step, base=c.momentum_teacher, final=c.final_momentum_teacher, total=total)
         tw = c.teacher_temp_warmup_iters

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pretrain.checkpoint import dcp_to_state_dict
 from pretrain.methods.moco import MoCoArch, MoCoConfig, MoCoMethod, MoCoSection
 from pretrain.methods.mocov3 import MoCoV3Config, MoCoV3Method
-from pretrain.optim import ScheduleValues
+from pretrain.optim import Schedules, ScheduleValues
 from pretrain.ssl.meta_arch import BackboneConfig
 from pretrain.train import TrainConfig, Trainer, main
 from pretrain.utils.config import load_config
@@ -73,6 +73,13 @@ def test_recipes_parse_with_the_papers_settings():
         c = cfg.data.crops
         assert c.global_scale == (0.2, 1.0) and c.grayscale_p == 0.2 and c.flip_p == 0.5 and c.n_local == 0
     assert v1.moco.tau == 0.07 and v2.moco.tau == 0.2
+    s1, s2 = Schedules(v1.schedule, 256), Schedules(v2.schedule, 256)  # v1: steps at 120 and 160 epochs; v2: cosine
+    e = v1.schedule.epoch_length
+    lrs = [s1.at(i * e).lr for i in (0, 119, 120, 159, 160, 199)]
+    assert lrs == pytest.approx([0.03] * 2 + [3e-3] * 2 + [3e-4] * 2)
+    assert s2.at(0).lr == pytest.approx(0.03) and s2.at(100 * e).lr == pytest.approx(0.015, rel=1e-3)
+    with pytest.raises(ValueError, match="lr_milestones"):
+        load_config(TrainConfig, TINY, ["schedule.lr_milestones=[3, 2]"])
     assert v1.data.crops.jitter_p == 1.0 and v1.data.crops.hue == 0.4 and v1.data.crops.blur_p_global1 == 0.0
     assert v2.data.crops.jitter_p == 0.8 and v2.data.crops.blur_p_global1 == v2.data.crops.blur_p_global2 == 0.5
     tiny = load_config(TrainConfig, TINY)
