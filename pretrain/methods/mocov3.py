@@ -6,7 +6,7 @@ the last one without affine parameters) and a 2-layer predictor MLP, both traine
 (backbone + projector), an 'ema' part whose momentum follows the cosine schedule ``schedule.momentum_teacher``
 (0.99) -> ``final_momentum_teacher`` (1). There is no queue: the keys of the other images of the global batch
 (gathered across ranks) are the negatives. The projector and predictor BatchNorms take their statistics over the
-global batch (:class:`pretrain.parallel.batch.GlobalBatchNorm1d`; the paper uses SyncBN). With
+global batch (:class:`pretrain.layers.global_bn.GlobalBatchNorm`; the paper uses SyncBN). With
 ``mocov3.freeze_patch_embed`` (the paper's stability fix) the patch embedding keeps its random initialisation:
 it gets no gradient and is not in the optimizer.
 
@@ -29,13 +29,13 @@ from torch import nn
 
 from pretrain.config import DataConfig, TrainConfig
 from pretrain.data.augment import MultiCropConfig
+from pretrain.layers.global_bn import GlobalBatchNorm
 from pretrain.losses.contrastive import info_nce
 from pretrain.methods.base import LossOutput, Method, Part, Views, register_method
 from pretrain.methods.dinov2 import vit_flops
 from pretrain.methods.moco import backbone_dim, export_encoders, plain_param_groups
 from pretrain.models import ViTConfig
 from pretrain.optim import ScheduleValues, build_optimizer
-from pretrain.parallel.batch import GlobalBatchNorm1d
 from pretrain.ssl.meta_arch import BackboneConfig
 
 __all__ = ["MoCoV3Arch", "MoCoV3Config", "MoCoV3Method", "MoCoV3Section", "mlp"]
@@ -84,9 +84,9 @@ def mlp(layers: int, in_dim: int, hidden: int, out: int, *, last_bn: bool) -> nn
         d_in, d_out = in_dim if i == 0 else hidden, out if i == layers - 1 else hidden
         mods.append(nn.Linear(d_in, d_out, bias=False))
         if i < layers - 1:
-            mods += [GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
+            mods += [GlobalBatchNorm(d_out), nn.ReLU(inplace=True)]
         elif last_bn:
-            mods.append(GlobalBatchNorm1d(d_out, affine=False))
+            mods.append(GlobalBatchNorm(d_out, affine=False))
     return nn.Sequential(*mods)
 
 

@@ -1,5 +1,4 @@
-"""Cross-rank batch operations of the contrastive methods (MoCo): plain gathers, Shuffle-BN and a global-batch
-BatchNorm1d.
+"""Cross-rank batch operations of MoCo: plain gathers and Shuffle-BN.
 
 - :func:`gather_batch` - every rank's tensor concatenated in rank order, without gradient (MoCo's
   ``concat_all_gather``: keys entering the queue).
@@ -8,20 +7,16 @@ BatchNorm1d.
   positive key's sub-batch differ and cannot leak the positive. The permutation is drawn from a generator that
   every rank seeds alike (no broadcast). With one process there is nothing to shuffle across and both are the
   identity (a single process computes BN statistics over the whole batch, as MoCo's one-GPU runs do).
-- :class:`GlobalBatchNorm1d` - ``BatchNorm1d`` whose training statistics are those of the global batch
-  (SyncBN, which MoCo v3's heads use), gathered with gradients so that 2 ranks of N equal 1 rank of 2N; gloo
-  has no SyncBatchNorm on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from pretrain.utils.dist import all_gather_with_grad, is_dist, rank, world_size
+from pretrain.utils.dist import is_dist, rank, world_size
 
-__all__ = ["GlobalBatchNorm1d", "gather_batch", "shuffle_batch", "unshuffle_batch"]
+__all__ = ["gather_batch", "shuffle_batch", "unshuffle_batch"]
 
 
 @torch.no_grad()
@@ -57,32 +52,4 @@ def unshuffle_batch(y: torch.Tensor, unshuffle: torch.Tensor | None) -> torch.Te
         return y
     everything = gather_batch(y)
     return everything[unshuffle.view(world_size(), -1)[rank()]]
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """``BatchNorm1d`` over the global batch in training (statistics of every rank's rows, with gradients).
-
-    Running statistics are updated from the global statistics, so they stay identical on every rank. Eval mode
-    and the single-process case compute the same formula on the local batch. Input: ``(N, C)``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        if x.ndim != 2:
-            raise ValueError(f"GlobalBatchNorm1d expects (N, C), got {tuple(x.shape)}")
-        xs = all_gather_with_grad(x)
-        mean = xs.mean(0)
-        var = xs.var(0, unbiased=False)
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-            with torch.no_grad():
-                n = xs.shape[0]
-                self.running_mean.lerp_(mean.detach(), self.momentum or 0.1)
-                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum or 0.1)
-                if self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-        out = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            out = out * self.weight + self.bias
-        return out
 
