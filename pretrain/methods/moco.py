@@ -7,7 +7,7 @@ it), run in training mode like the papers' (its BatchNorms use batch statistics 
 statistics); and a queue of K normalised keys (a buffer, checkpointed with the model).
 
 One step: the query ``q`` of view 1 and the key ``k`` of view 2 (key encoder, no gradient, under Shuffle-BN:
-:func:`pretrain.parallel.batch.shuffle_batch`; the identity on one process); InfoNCE over ``[q.k, q.queue]
+:func:`pretrain.utils.dist.shuffle_batch`; the identity on one process); InfoNCE over ``[q.k, q.queue]
 / T`` (T = 0.07 in v1, 0.2 in v2). After the optimizer step the key encoder moves towards the query encoder, then
 the keys of every rank (gathered in rank order, so the queue is identical on all ranks) replace the oldest
 entries, wrapping around. Views: two global crops, no local crops (the recipe sets the paper's augmentations).
@@ -34,8 +34,8 @@ from pretrain.losses.contrastive import info_nce
 from pretrain.methods.base import LossOutput, Method, Part, Views, register_method
 from pretrain.methods.dinov2 import export_backbone_with_config
 from pretrain.optim import ScheduleValues, build_optimizer
-from pretrain.parallel.batch import gather_batch, shuffle_batch, unshuffle_batch
 from pretrain.ssl.meta_arch import BackboneConfig
+from pretrain.utils.dist import gather_batch, shuffle_batch, unshuffle_batch
 
 __all__ = ["MoCoArch", "MoCoConfig", "MoCoMethod", "MoCoSection", "backbone_dim", "export_encoders",
            "plain_param_groups"]

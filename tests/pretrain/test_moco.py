@@ -155,7 +155,7 @@ def _slice(batch: dict, rank: int, world: int) -> dict:
 
 def _parity_run(rank: int, world: int, recipe: str, sets: dict, out: str) -> dict:
     from pretrain.checkpoint import full_state_dict
-    from pretrain.parallel.batch import shuffle_batch, unshuffle_batch
+    from pretrain.utils.dist import shuffle_batch, unshuffle_batch
 
     cfg = load_config(TrainConfig, recipe, _sets(**sets, **{"data.shards.batch_size": 8 // world}))
     trainer = Trainer(cfg, out)
