@@ -13,6 +13,7 @@ last feature map, flattened, as ``x_norm_patchtokens`` (there is no final norm: 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,7 @@ def _shortcut(cin: int, cout: int, stride: int, norm: str) -> nn.Sequential | No
     return nn.Sequential(_conv(cin, cout, 1, stride), make_norm(norm, cout))
 
 
-class _Residual(nn.Module):
+class _Residual(nn.Module, ABC):
     """Shared parts of both blocks: the shortcut, drop-path and the final ReLU."""
 
     downsample: nn.Sequential | None
@@ -110,12 +111,13 @@ class _Residual(nn.Module):
         super().__init__()
         self.drop_path = drop
 
+    @abstractmethod
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The residual branch (convolutions and norms, before the sum)."""
 
+    @abstractmethod
     def last_norm(self) -> nn.Module:
         """The norm closing the residual branch (zero-initialised with ``zero_init_residual``)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
