@@ -19,6 +19,7 @@ the method's modules (so they are checkpointed with the model state); momentum e
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -208,7 +209,14 @@ def register_method(cls: MethodT) -> MethodT:
 
 
 def get_method(name: str) -> type[Method]:
-    """The registered method ``name``; ValueError naming the known ones otherwise."""
+    """The registered method ``name`` (importing ``pretrain.methods.<name>`` first if it is not registered yet);
+    ValueError naming the known ones otherwise."""
+    if name not in METHODS and name.isidentifier():
+        try:  # a method module not imported yet: pretrain/methods/<name>.py registers itself on import
+            importlib.import_module(f"pretrain.methods.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pretrain.methods.{name}":
+                raise
     try:
         return METHODS[name]
     except KeyError:
