@@ -20,6 +20,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from pretrain.utils.dist import all_gather_with_grad, is_dist, rank, world_size
 
@@ -78,37 +79,29 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(logits, target)
 
 
-class MemoryBank:
+class MemoryBank(nn.Module):
     """One unit vector per training instance (InstDisc's memory bank), identical on every rank.
 
-    Entries start as random unit vectors (seeded). :meth:`update` moves the entries of a batch towards the new
-    features, ``v_i <- normalize(m v_i + (1 - m) f_i)`` (the proximal update; InstDisc uses m = 0.5), after
-    gathering every rank's (index, feature) pairs so all ranks apply the same update.
+    The vectors are a buffer (``vectors``), so a method's checkpoint holds them. Entries start as random unit
+    vectors (seeded). :meth:`update` moves the entries of a batch towards the new features,
+    ``v_i <- normalize(m v_i + (1 - m) f_i)`` (the proximal update; InstDisc uses m = 0.5), after gathering every
+    rank's (index, feature) pairs so all ranks apply the same update.
     """
 
+    vectors: torch.Tensor
+
     def __init__(self, size: int, dim: int, momentum: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
         if size < 2 or dim < 1:
             raise ValueError(f"a memory bank needs size >= 2 and dim >= 1, got size={size}, dim={dim}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         g = torch.Generator().manual_seed(seed)
-        self.vectors = _unit(torch.randn(size, dim, generator=g))
+        self.register_buffer("vectors", _unit(torch.randn(size, dim, generator=g)))
         self.momentum = momentum
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
-
-    def to(self, device: torch.device | str) -> MemoryBank:
-        self.vectors = self.vectors.to(device)
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"vectors": self.vectors.clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["vectors"].shape != self.vectors.shape:
-            raise ValueError(f"memory bank shape {tuple(state['vectors'].shape)} != {tuple(self.vectors.shape)}")
-        self.vectors = state["vectors"].to(self.vectors.device, torch.float32).clone()
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
