@@ -28,7 +28,7 @@ LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     101: ("bottleneck", (3, 4, 23, 3)),
 }
 STEMS = ("imagenet", "small")
-NORMS = ("bn", "syncbn")
+NORMS = ("bn", "syncbn", "layernorm")
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,8 @@ class ResNetConfig:
     stem: str = "imagenet"
     "'imagenet' (7x7/2 conv + max pool) or 'small' (3x3/1 conv, no pool; 28-64 px inputs)."
     norm: str = "bn"
-    "'bn' (BatchNorm2d) or 'syncbn' (SyncBatchNorm: batch statistics over the process group on GPU)."
+    """'bn' (BatchNorm2d), 'syncbn' (SyncBatchNorm: batch statistics over the process group on GPU) or 'layernorm'
+    (GroupNorm with one group: per-sample statistics over channels and positions, as CPC v2's encoder)."""
     width: int = 64
     "Channels of the stem and of layer1's 3x3 convolutions; each later stage doubles them."
     num_classes: int = 0
@@ -79,7 +80,9 @@ class ResNetConfig:
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """A 2-D batch norm (torchvision's eps 1e-5 and momentum 0.1)."""
+    """A 2-D batch norm (torchvision's eps 1e-5 and momentum 0.1), or a per-sample layer norm over (C, H, W)."""
+    if kind == "layernorm":
+        return nn.GroupNorm(1, channels)
     return nn.SyncBatchNorm(channels) if kind == "syncbn" else nn.BatchNorm2d(channels)
 
 
