@@ -5,9 +5,12 @@
   batch (MoCo v3, Chen et al. 2021; InvaSpread, Ye et al. 2019), keys gathered across ranks.
 - :func:`nt_xent` - SimCLR's normalised-temperature cross entropy (Chen et al. 2020): the 2N views of a batch, each
   against its partner view, every other view of the global batch a negative, gathered with gradients.
+- :func:`invariance_spread_loss` - InvaSpread (Ye et al. 2019): in-batch instance discrimination, the augmented
+  view the positive, every other view of the global batch a negative through ``-log(1 - P)``.
 - :class:`MemoryBank`, :func:`nce_loss`, :func:`bank_softmax_loss` - InstDisc (Wu et al. 2018): one normalised
   128-d vector per training instance, proximal momentum update of the entries seen, NCE against ``m`` noise
-  entries drawn uniformly (``P_n = 1/n``, normaliser ``Z`` estimated once) or the full softmax over the bank.
+  entries drawn uniformly (``P_n = 1/n``, normaliser ``Z`` estimated once), the full softmax over the bank, or
+  (CMC) a softmax over the own entry and the sampled ones.
 
 Logits are computed in log space (``logsumexp`` / ``logaddexp``), so extreme similarities or temperatures give
 finite losses. Gathered tensors need the same per-rank batch size.
@@ -22,9 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.utils.dist import all_gather_with_grad, is_dist, rank, world_size
+from pretrain.utils.dist import all_gather_with_grad, gather_batch, is_dist, rank, world_size
 
-__all__ = ["MemoryBank", "bank_softmax_loss", "estimate_nce_z", "info_nce", "nce_loss", "nt_xent"]
+__all__ = ["MemoryBank", "bank_scores", "bank_softmax_loss", "estimate_nce_log_z", "estimate_nce_z", "info_nce",
+           "invariance_spread_loss", "nce_loss", "nt_xent", "sampled_softmax_loss"]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +83,48 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(logits, target)
 
 
+def invariance_spread_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
+                           detach_candidates: bool = True) -> torch.Tensor:  # fmt: skip
+    """InvaSpread's loss (Ye et al. 2019) on the two views ``z1``, ``z2`` (N, D) of this rank's N images.
+
+    Every local view is an anchor; its candidates are the other 2N' - 1 views of the global batch (gathered across
+    ranks). ``P_k`` = softmax over the candidates of ``v . v_k / T``; the partner view is the positive (data
+    augmentation invariance, ``-log P_partner``) and every other view a negative (spreading, ``-log(1 - P_k)``,
+    the probability that anchor and instance k are recognised as one). Returns the mean over local anchors of
+    ``-log P_partner - sum_k log(1 - P_k)``. ``detach_candidates`` (the released code) passes gradients through the
+    anchors only. ``log(1 - P_k)`` is exact in log space: ``log1p(-P_k)`` where ``P_k <= 1/2`` (every candidate but
+    a row's largest) and ``logsumexp`` of the other candidates for the largest, so extreme logits stay finite.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n, r = len(z1), rank()
+    a, b = _unit(z1), _unit(z2)
+    if detach_candidates:
+        ga, gb = gather_batch(a.detach()), gather_batch(b.detach())
+    else:
+        ga, gb = all_gather_with_grad(a), all_gather_with_grad(b)
+    total = len(ga)
+    if total < 2:
+        raise ValueError("InvaSpread needs at least 2 images in the global batch")
+    views = torch.cat([ga, gb])  # every rank's view 1, then every rank's view 2
+    rows = torch.cat([torch.arange(n) + r * n, torch.arange(n) + total + r * n]).to(z1.device)
+    partner = torch.cat([rows[n:], rows[:n]])
+    logits = torch.cat([a, b]) @ views.T / temperature
+    own = F.one_hot(rows, 2 * total).bool()
+    logits = logits.masked_fill(own, float("-inf"))
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    log_p = logits - lse
+    top = logits.argmax(dim=1, keepdim=True)
+    p_rest = log_p.exp().scatter(1, top, 0.0)  # P <= 1/2 everywhere but (maybe) at each row's largest logit
+    log_1mp_top = torch.logsumexp(logits.scatter(1, top, float("-inf")), dim=1, keepdim=True) - lse
+    log_1mp = torch.log1p(-p_rest).scatter(1, top, log_1mp_top)
+    negative = ~(own | F.one_hot(partner, 2 * total).bool())
+    spread = torch.where(negative, log_1mp, torch.zeros_like(log_1mp)).sum(dim=1)
+    return -(log_p.gather(1, partner[:, None])[:, 0] + spread).mean()
+
+
 class MemoryBank(nn.Module):
     """One unit vector per training instance (InstDisc's memory bank), identical on every rank.
 
@@ -117,32 +163,60 @@ class MemoryBank(nn.Module):
         self.vectors[idx] = _unit(mixed)  # a repeated index: the last occurrence wins, on every rank alike
 
 
+def bank_scores(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank,
+                noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """fp32 cosine scores (whatever the autocast dtype) of unit ``features`` (N, D) against their own bank entries
+    ``indices`` (N,) and the noise entries ``noise`` (N, m): ``(own (N,), other (N, m))``, no (N, m, D) product."""
+    f = _unit(features)
+    with torch.autocast(f.device.type, enabled=False):
+        own = (f * bank.vectors[indices.long()]).sum(-1)
+        other = torch.bmm(bank.vectors[noise.long()], f[:, :, None]).squeeze(-1)
+    return own, other
+
+
+def estimate_nce_log_z(features: torch.Tensor, bank: MemoryBank, noise: torch.Tensor, temperature: float) -> float:
+    """``log Z`` of InstDisc's Monte-Carlo normaliser ``Z ~ n x mean(exp(v . f / T))`` over the noise entries of a
+    batch, in float64 log space (tiny temperatures cannot overflow), in chunks of rows."""
+    chunks = [bank_scores(f, n[:, 0], bank, n)[1] for f, n in zip(features.detach().split(256), noise.split(256))]
+    scores = torch.cat(chunks).double() / temperature
+    return float(torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel()) + math.log(len(bank)))
+
+
 def estimate_nce_z(features: torch.Tensor, bank: MemoryBank, noise: torch.Tensor, temperature: float) -> float:
-    """InstDisc's Monte-Carlo normaliser ``Z ~ n x mean(exp(v . f / T))`` over the noise entries of a batch."""
-    scores = (_unit(features)[:, None, :] * bank.vectors[noise]).sum(-1) / temperature
-    log_z = torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel()) + math.log(len(bank))
-    return float(log_z.exp())
+    """``exp`` of :func:`estimate_nce_log_z`."""
+    return math.exp(estimate_nce_log_z(features, bank, noise, temperature))
 
 
 def nce_loss(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank, noise: torch.Tensor,
-             temperature: float = 0.07, z: float = 1.0) -> torch.Tensor:  # fmt: skip
+             temperature: float = 0.07, z: float = 1.0, *, log_z: float | None = None) -> torch.Tensor:  # fmt: skip
     """Mean NCE loss of InstDisc: each feature's own bank entry is the data sample, ``noise`` (N, m) bank indices
     drawn uniformly are the noise samples.
 
     ``P(i|v) = exp(v . f_i / T) / Z``, ``h = P / (P + m P_n)`` with ``P_n = 1/n``;
-    loss = ``-log h(own) - sum over noise of log(1 - h(noise))``, averaged over the batch.
+    loss = ``-log h(own) - sum over noise of log(1 - h(noise))``, averaged over the batch. ``log_z`` (instead of
+    ``z``) keeps normalisers finite that ``exp`` would under- or overflow at tiny temperatures.
     """
     if noise.ndim != 2 or len(noise) != len(features):
         raise ValueError(f"noise must be (N, m) bank indices for N={len(features)} features, got {tuple(noise.shape)}")
-    if z <= 0 or temperature <= 0:
-        raise ValueError(f"z and temperature must be > 0, got z={z}, temperature={temperature}")
-    v = _unit(features)
+    if (log_z is None and z <= 0) or temperature <= 0 or (log_z is not None and not math.isfinite(log_z)):
+        raise ValueError(f"z and temperature must be > 0 (log_z finite), got z={z}, log_z={log_z}, "
+                         f"temperature={temperature}")
+    lz = math.log(z) if log_z is None else log_z
+    own, other = bank_scores(features, indices, bank, noise)
+    own, other = own / temperature - lz, other / temperature - lz
     log_mpn = math.log(noise.shape[1] / len(bank))
-    own = (v * bank.vectors[indices.long()]).sum(-1) / temperature - math.log(z)
-    other = (v[:, None, :] * bank.vectors[noise.long()]).sum(-1) / temperature - math.log(z)
     log_h = own - torch.logaddexp(own, torch.full_like(own, log_mpn))
     log_1mh = log_mpn - torch.logaddexp(other, torch.full_like(other, log_mpn))
     return -(log_h + log_1mh.sum(dim=1)).mean()
+
+
+def sampled_softmax_loss(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank, noise: torch.Tensor,
+                         temperature: float = 0.07) -> torch.Tensor:  # fmt: skip
+    """Mean cross entropy of ``[f . v_own, f . v_noise_1 .. f . v_noise_m] / T`` with target 0 (the CMC release's
+    softmax variant of the bank loss)."""
+    own, other = bank_scores(features, indices, bank, noise)
+    logits = torch.cat([own[:, None], other], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
 def bank_softmax_loss(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,13 @@ from torch import nn
 from pretrain.config import DataConfig, TrainConfig
 from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig
 from pretrain.data.instances import InstanceIndex
-from pretrain.losses.contrastive import MemoryBank, info_nce
+from pretrain.losses.contrastive import (
+    MemoryBank,
+    estimate_nce_log_z,
+    info_nce,
+    nce_loss,
+    sampled_softmax_loss,
+)
 from pretrain.methods.base import LossOutput, Method, Part, Views, register_method
 from pretrain.methods.moco import backbone_dim, export_encoders, plain_param_groups
 from pretrain.models import build_backbone
@@ -50,8 +55,7 @@ from pretrain.optim import ScheduleValues, build_optimizer
 from pretrain.ssl.meta_arch import BackboneConfig
 from pretrain.utils.dist import gather_batch, rank
 
-__all__ = ["CMCArch", "CMCConfig", "CMCMethod", "CMCSection", "bank_softmax_nce", "estimate_log_z", "lab_views",
-           "nce_log_z", "noise_rows", "rgb_to_lab"]
+__all__ = ["CMCArch", "CMCConfig", "CMCMethod", "CMCSection", "lab_views", "noise_rows", "rgb_to_lab"]
 
 logger = logging.getLogger("pretrain")
 
@@ -98,47 +102,6 @@ def noise_rows(seed: int, step: int, rows: torch.Tensor, k: int, n: int) -> torc
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + r)
         out[i] = torch.randint(n, (k,), generator=g)
     return out
-
-
-def _scores(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank,
-            noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    f = F.normalize(features.float(), dim=-1)
-    with torch.autocast(f.device.type, enabled=False):  # fp32 similarities whatever the autocast dtype
-        own = (f * bank.vectors[indices.long()]).sum(-1)
-        other = torch.bmm(bank.vectors[noise.long()], f[:, :, None]).squeeze(-1)  # (N, K), no (N, K, D) product
-    return own, other
-
-
-def estimate_log_z(features: torch.Tensor, bank: MemoryBank, noise: torch.Tensor, temperature: float) -> float:
-    """log of the NCE normaliser ``Z ~ n x mean(exp(v . f / T))`` over the noise rows ``noise`` (N, K) of a batch
-    (InstDisc / CMC estimate it once), computed in float64 log space so tiny temperatures cannot overflow."""
-    chunks = [_scores(f, n[:, 0], bank, n)[1] for f, n in zip(features.split(32), noise.split(32))]
-    scores = torch.cat(chunks).double() / temperature  # rows in chunks: a global batch x K x D gather is large
-    return float(torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel()) + math.log(len(bank)))
-
-
-def nce_log_z(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank, noise: torch.Tensor,
-              temperature: float, log_z: float) -> torch.Tensor:  # fmt: skip
-    """Mean NCE loss (the data sample: the instance's own bank row; K noise rows drawn uniformly, ``P_n = 1/n``):
-    ``P(i|f) = exp(f . v_i / T) / Z``, ``h = P / (P + K P_n)``, loss ``-log h(own) - sum log(1 - h(noise))``.
-
-    :func:`pretrain.losses.contrastive.nce_loss` with ``z = exp(log_z)``, taking ``log Z`` so that it stays finite
-    when ``Z`` itself would overflow.
-    """
-    own, other = _scores(features, indices, bank, noise)
-    log_kpn = math.log(noise.shape[1] / len(bank))
-    own, other = own / temperature - log_z, other / temperature - log_z
-    log_h = own - torch.logaddexp(own, torch.full_like(own, log_kpn))
-    log_1mh = log_kpn - torch.logaddexp(other, torch.full_like(other, log_kpn))
-    return -(log_h + log_1mh.sum(dim=1)).mean()
-
-
-def bank_softmax_nce(features: torch.Tensor, indices: torch.Tensor, bank: MemoryBank, noise: torch.Tensor,
-                     temperature: float) -> torch.Tensor:  # fmt: skip
-    """Mean cross entropy of ``[f . v_own, f . v_noise_1 .. f . v_noise_K] / T`` with target 0 (unit ``features``)."""
-    own, other = _scores(features, indices, bank, noise)
-    logits = torch.cat([own[:, None], other], dim=1) / temperature
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -283,8 +246,8 @@ class CMCMethod(Method):
         noise = noise_rows(self.cfg.seed, int(self.arch.steps), torch.arange(len(g_l)), self.cfg.cmc.num_negatives,
                            len(self.arch.bank_l)).to(device)
         t = self.cfg.cmc.temperature
-        self.arch.log_z_l.fill_(estimate_log_z(g_l, self.arch.bank_ab, noise, t))
-        self.arch.log_z_ab.fill_(estimate_log_z(g_ab, self.arch.bank_l, noise, t))
+        self.arch.log_z_l.fill_(estimate_nce_log_z(g_l, self.arch.bank_ab, noise, t))
+        self.arch.log_z_ab.fill_(estimate_nce_log_z(g_ab, self.arch.bank_l, noise, t))
         self.arch.z_ready.fill_(1)
         logger.info("CMC NCE normalisers: log Z_l=%.4f, log Z_ab=%.4f", float(self.arch.log_z_l),
                     float(self.arch.log_z_ab))
@@ -305,11 +268,11 @@ class CMCMethod(Method):
             if c.loss == "nce":
                 if not int(self.arch.z_ready):
                     self._estimate_z(z_l, z_ab, z_l.device)
-                l_to_ab = nce_log_z(z_l, idx, self.arch.bank_ab, noise, c.temperature, float(self.arch.log_z_l))
-                ab_to_l = nce_log_z(z_ab, idx, self.arch.bank_l, noise, c.temperature, float(self.arch.log_z_ab))
+                l_to_ab = nce_loss(z_l, idx, self.arch.bank_ab, noise, c.temperature, log_z=float(self.arch.log_z_l))
+                ab_to_l = nce_loss(z_ab, idx, self.arch.bank_l, noise, c.temperature, log_z=float(self.arch.log_z_ab))
             else:
-                l_to_ab = bank_softmax_nce(z_l, idx, self.arch.bank_ab, noise, c.temperature)
-                ab_to_l = bank_softmax_nce(z_ab, idx, self.arch.bank_l, noise, c.temperature)
+                l_to_ab = sampled_softmax_loss(z_l, idx, self.arch.bank_ab, noise, c.temperature)
+                ab_to_l = sampled_softmax_loss(z_ab, idx, self.arch.bank_l, noise, c.temperature)
             extras["bank_pos"] = (z_l.detach() * self.arch.bank_ab.vectors[idx]).sum(1)
             self._pending = (idx, z_l.detach(), z_ab.detach())
         loss = l_to_ab + ab_to_l

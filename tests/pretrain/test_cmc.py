@@ -20,8 +20,8 @@ from pretrain.checkpoint import dcp_to_state_dict
 from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.eval.config import KnnConfig
 from pretrain.eval.knn import knn_predict
-from pretrain.losses.contrastive import MemoryBank, estimate_nce_z, nce_loss
-from pretrain.methods.cmc import CMCConfig, CMCMethod, estimate_log_z, lab_views, nce_log_z, noise_rows, rgb_to_lab
+from pretrain.losses.contrastive import MemoryBank, estimate_nce_log_z, estimate_nce_z, nce_loss
+from pretrain.methods.cmc import CMCConfig, CMCMethod, lab_views, noise_rows, rgb_to_lab
 from pretrain.models import build_backbone
 from pretrain.optim import Schedules, ScheduleValues
 from pretrain.train import TrainConfig, Trainer, main
@@ -208,9 +208,9 @@ def test_log_space_nce_equals_the_shared_nce_loss():
     bank = MemoryBank(50, 8, seed=1)
     f, idx = torch.randn(5, 8, generator=g), torch.tensor([0, 4, 9, 49, 4])
     noise = torch.randint(50, (5, 7), generator=g)
-    log_z = estimate_log_z(f, bank, noise, 0.1)
+    log_z = estimate_nce_log_z(f, bank, noise, 0.1)
     assert log_z == pytest.approx(math.log(estimate_nce_z(f, bank, noise, 0.1)), rel=1e-5)
-    assert float(nce_log_z(f, idx, bank, noise, 0.1, log_z)) == pytest.approx(
+    assert float(nce_loss(f, idx, bank, noise, 0.1, log_z=log_z)) == pytest.approx(
         float(nce_loss(f, idx, bank, noise, 0.1, math.exp(log_z))), rel=1e-5)
     # the noise of a global row does not depend on which rank draws it
     rows = noise_rows(7, 3, torch.arange(6), 11, 50)

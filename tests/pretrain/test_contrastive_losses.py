@@ -109,7 +109,11 @@ def test_extreme_inputs_stay_finite():
 
 
 def _losses(z1, z2, q, k):
-    return {"nt_xent": nt_xent(z1, z2, temperature=0.3), "moco3": info_nce(q, k, temperature=0.2)}
+    from pretrain.losses.contrastive import invariance_spread_loss
+
+    return {"nt_xent": nt_xent(z1, z2, temperature=0.3), "moco3": info_nce(q, k, temperature=0.2),
+            "invaspread": invariance_spread_loss(z1, z2, 0.2, detach_candidates=False),
+            "invaspread_detached": invariance_spread_loss(z2, z1, 0.3)}
 
 
 def _worker(rank, init_file, out_dir):
@@ -149,3 +153,32 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     bank = MemoryBank(12, 5, seed=3)
     bank.update(torch.tensor([0, 3, 5, 7]), torch.cat([q[0:2], q[4:6]]))
     assert torch.equal(ranks[0]["bank"], ranks[1]["bank"]) and torch.allclose(ranks[0]["bank"], bank.vectors)
+
+
+def test_invariance_spread_loss_equals_a_float64_loop_and_stays_finite():
+    from pretrain.losses.contrastive import invariance_spread_loss
+
+    z1, z2, _ = (x.double() for x in _data(n=5))
+    views = torch.cat([_unit(z1), _unit(z2)])
+    n, t = len(z1), 0.1
+    total = 0.0
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        others = [j for j in range(2 * n) if j != i]
+        e = {j: math.exp(float(views[i] @ views[j]) / t) for j in others}
+        s = sum(e.values())
+        total -= math.log(e[partner] / s) + sum(math.log(1 - e[j] / s) for j in others if j != partner)
+    for detach in (True, False):
+        assert invariance_spread_loss(z1, z2, t, detach).item() == pytest.approx(total / (2 * n), rel=1e-6)
+    # gradients: only through the anchors when the candidates are detached (the released code), else both ways
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    invariance_spread_loss(a, b, t, detach_candidates=True).backward()
+    c, d = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    invariance_spread_loss(c, d, t, detach_candidates=False).backward()
+    assert not torch.allclose(a.grad, c.grad)
+    # extremes: identical views (every candidate ties), huge logits, one dominating candidate
+    for x, y, temp in ((q := _data()[0] * 1e6, q, 1e-4), (q, -q, 1e-4), (q, q + 1e-3 * torch.randn_like(q), 1e-6)):
+        xa = x.clone().requires_grad_()
+        loss = invariance_spread_loss(xa, y, temp, detach_candidates=False)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(xa.grad).all()

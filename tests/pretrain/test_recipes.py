@@ -3,13 +3,27 @@
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from pretrain.train import TrainConfig, plan_phases
 from pretrain.utils.config import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "pretrain" / "recipes").glob("*.toml"))
-# moco*, simclr*, cmc*: tests/pretrain/test_moco.py, test_simclr.py, test_cmc.py
-TRAIN_RECIPES = [r for r in RECIPES if not r.name.startswith(("distill", "moco", "simclr", "cmc"))]
+# DINOv2 pretraining recipes; other methods' recipes are checked by their own tests (tests/pretrain/test_<method>.py)
+TRAIN_RECIPES = [r for r in RECIPES if tomllib.loads(r.read_text()).get("method", "dinov2") == "dinov2"]
+METHOD_RECIPES = [r for r in RECIPES if r not in TRAIN_RECIPES]
+
+
+def test_every_method_has_a_full_scale_and_a_tiny_cpu_recipe_that_parse():
+    by_method: dict[str, list[str]] = {}
+    for recipe in METHOD_RECIPES:
+        cfg = load_config(TrainConfig, str(recipe))
+        assert cfg.method == tomllib.loads(recipe.read_text())["method"] and type(cfg) is not TrainConfig, recipe
+        by_method.setdefault(cfg.method, []).append(recipe.stem)
+    assert set(by_method) >= {"distill", "simclr", "moco", "mocov3", "instdisc", "invaspread", "cpc", "cmc"}
+    for method, names in by_method.items():
+        assert any(n.endswith("_tiny_cpu") for n in names) and any(not n.endswith("_tiny_cpu") for n in names), (
+            method, names)
 
 
 def test_recipes_exist():

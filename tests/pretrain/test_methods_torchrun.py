@@ -1,0 +1,60 @@
+"""Every method of the contrastive lineage trains from its tiny recipe through ``python -m pretrain train`` under a
+real ``torchrun`` with 2 gloo processes (rendezvous on 127.0.0.1), checkpoints and exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .trainer_utils import write_shards
+
+RECIPES = Path(__file__).resolve().parents[2] / "pretrain" / "recipes"
+#: tiny recipe -> overrides shrinking its networks (the per-method tests use the same ones)
+METHODS = {
+    "simclr_tiny_cpu": {"simclr.backbone": '"resnet_test"'},
+    "moco_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "moco.queue_size": 16,
+                      "moco.dim": 16},
+    "mocov3_tiny_cpu": {"backbone.name": '"vit_test"', "mocov3.dim": 16, "mocov3.mlp_dim": 32,
+                        "backbone.overrides": "{patch_size = 7, img_size = 28, init_values = 0}"},
+    "instdisc_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "instdisc.dim": 16,
+                          "instdisc.loss": '"nce"', "instdisc.noise": 8},
+    "invaspread_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "invaspread.dim": 16},
+    "cpc_tiny_cpu": {"cpc.backbone": '"resnet_test"', "cpc.backbone_overrides": "{}", "cpc.context_dim": 16},
+    "cmc_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "cmc.dim": 16,
+                     "cmc.num_negatives": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"), n=32, per_shard=16)
+
+
+@pytest.mark.parametrize("recipe", sorted(METHODS))
+def test_method_trains_under_torchrun_with_two_gloo_processes(recipe, shards, tmp_path):
+    sets = {"data.shards.urls": f'["{shards}"]', "data.shards.batch_size": 4, "data.shards.num_workers": 0,
+            "data.shards.shuffle_buffer": 8, "schedule.epoch_length": 2, "schedule.epochs": 2,
+            "schedule.warmup_epochs": 0, "schedule.lr_reference_batch": 8, "train.log_every": 1,
+            "train.checkpoint_every": 2, "train.tensorboard": "false", "train.precision": '"fp32"',
+            **METHODS[recipe]}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", "--max_restarts=0",
+           "-m", "pretrain", "train", str(RECIPES / f"{recipe}.toml"), "--out", str(out)]
+    cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DINOFORGE_DIST_INIT_METHOD": ""}
+    env.pop("DINOFORGE_DIST_INIT_METHOD")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["loss"] == m["loss"] and abs(m["loss"]) < 1e6 for m in metrics)  # finite
+    config = (out / "config.toml").read_text()
+    assert f'method = "{recipe.removesuffix("_tiny_cpu")}"' in config
+    assert (out / "export" / "backbone.pth").exists() and any((out / "checkpoints").iterdir())
+    assert "2 processes" in done.stderr
