@@ -236,3 +236,17 @@ def test_fashion_mnist_run_lowers_the_loss_once_the_bank_holds_features(tmp_path
     print(f"losses {[round(x, 2) for x in losses]}; k-NN@20 random init {before:.3f}, after 200 steps {after:.3f}")
     assert np.median(losses[-10:]) < np.median(losses[:10]) - 2.0, losses
     assert after > before - 0.05, (before, after)
+
+
+def test_proximal_regularisation_adds_lambda_times_the_distance_to_the_bank_entry(shards):
+    plain = _method(shards, **{"instdisc.loss": '"softmax"'})
+    prox = _method(shards, **{"instdisc.loss": '"softmax"', "instdisc.proximal": "30"})
+    batch = _batch([2, 8, 33, 60])
+    a, _ = plain.compute_losses(batch, VALUES)
+    b, out = prox.compute_losses(batch, VALUES)
+    f, bank = out["extras"]["f"].double(), prox.arch.bank.vectors[[2, 8, 33, 60]].double()
+    distance = float(((f - bank) ** 2).sum(1).mean())
+    assert float(out["losses"]["proximal"]) == pytest.approx(distance, rel=1e-5)
+    assert float(b) == pytest.approx(float(a) + 30 * distance, rel=1e-5)
+    with pytest.raises(ValueError, match="instdisc.proximal"):
+        load_config(TrainConfig, TINY, ["instdisc.proximal=-1"])
