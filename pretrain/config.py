@@ -60,12 +60,26 @@ class PhaseConfig:
     """Base lr of the phase (the paper lowers it); None keeps the main one."""
     freeze_last_layer_iters: int = 0
     """Iterations at the start of the phase with a frozen prototype layer."""
+    global_sizes: list[int] | None = None
+    """Mixed resolutions (DINOv3's high-resolution adaptation): each batch draws its global crop size from these
+    (None: always ``global_size``)."""
+    local_sizes: list[int] | None = None
+    """Each batch draws its local crop size from these (None: always ``local_size``)."""
+    gram_upscale: int = 1
+    """DINOv2 with Gram anchoring: the Gram teacher sees the global crops rendered at this multiple of their size
+    (its patch features are then resized to the student's grid), as DINOv3's high-resolution adaptation."""
 
     def __post_init__(self) -> None:
         if self.iters < 2:
             raise ValueError(f"phases.iters must be >= 2, got {self.iters}")
         if self.global_size < 1:
             raise ValueError(f"phases.global_size must be >= 1, got {self.global_size}")
+        for name in ("global_sizes", "local_sizes"):
+            sizes = getattr(self, name)
+            if sizes is not None and (not sizes or any(v < 1 for v in sizes)):
+                raise ValueError(f"phases.{name} must be a non-empty list of sizes >= 1, got {sizes}")
+        if self.gram_upscale < 1:
+            raise ValueError(f"phases.gram_upscale must be >= 1, got {self.gram_upscale}")
         if self.base_lr is not None and self.base_lr < 0:
             raise ValueError(f"phases.base_lr must be >= 0, got {self.base_lr}")
 

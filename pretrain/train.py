@@ -65,7 +65,9 @@ def plan_phases(cfg: TrainConfig, world_size: int) -> list[Phase]:
             freeze_last_layer_epochs=p.freeze_last_layer_iters,
         )
         crops = dataclasses.replace(cfg.data.crops, global_size=p.global_size,
-                                    local_size=p.local_size or cfg.data.crops.local_size)
+                                    local_size=p.local_size or cfg.data.crops.local_size,
+                                    global_size_choices=tuple(p.global_sizes or ()),
+                                    local_size_choices=tuple(p.local_sizes or ()), hires_factor=p.gram_upscale)
         pbs = p.batch_size or bs
         phases.append(Phase(i, p.name, start, start + p.iters, Schedules(sched, pbs * world_size), crops, pbs))
         start += p.iters
@@ -148,6 +150,9 @@ class Trainer:
     def make_loader(self, phase: Phase) -> WdsLoader:
         """This rank's loader of ``phase``: the method's views of the shards, reseeded per phase."""
         views = self.method.views(phase.crops)
+        if views.crops.hires_factor != 1:
+            raise ValueError(f"phases.gram_upscale: method {self.cfg.method!r} does not use high-resolution crops "
+                             "(DINOv2 with Gram anchoring does)")
         shards = dataclasses.replace(self.cfg.data.shards, batch_size=phase.batch_size,
                                      seed=self.cfg.data.shards.seed + 1000 * phase.index)
         return WdsLoader(shards, views.crops, patch_size=views.patch_size, rank=self.info.rank,
@@ -221,6 +226,7 @@ class Trainer:
         metrics["loss"] = metrics.pop("total")
         metrics.update(lr=values.lr, wd=values.weight_decay, momentum=values.momentum,
                        teacher_temp=values.teacher_temp, phase=phase.index, step_s=dt,
+                       crop_px=int(batch["global_crops"].shape[-1]),
                        img_per_s=phase.batch_size * self.info.world_size / dt,
                        peak_mem_mb=peak_memory_mb(self.device),
                        **{f"grad_norm/{k}": v for k, v in norms.items()})

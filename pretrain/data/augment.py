@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -98,6 +98,14 @@ class MultiCropConfig:
     """Per-channel normalisation std (0-1 scale)."""
     decode_min_size: int = 0
     """Smallest short side JPEG draft decoding may reduce an image to; 0 = derived from the crop sizes."""
+    global_size_choices: tuple[int, ...] = ()
+    """Mixed resolutions (DINOv3's high-resolution adaptation): each batch draws its global crop size from these
+    (seeded by the batch index, so every rank and a resume draw the same); () = always ``global_size``."""
+    local_size_choices: tuple[int, ...] = ()
+    """Likewise for the local crop size; () = always ``local_size``."""
+    hires_factor: int = 1
+    """Global crops are rendered at this multiple of their size for a method that feeds them to a higher-resolution
+    teacher (DINOv2 with Gram anchoring: the Gram teacher sees them, the other networks a downscaled copy)."""
 
     def __post_init__(self) -> None:
         for name in ("global_size", "local_size"):
@@ -123,6 +131,21 @@ class MultiCropConfig:
             raise ValueError(f"mean and std must have 3 values with std > 0, got {self.mean}, {self.std}")
         if self.decode_min_size < 0:
             raise ValueError(f"decode_min_size must be >= 0 (0 = auto), got {self.decode_min_size}")
+        self.global_size_choices = tuple(int(v) for v in self.global_size_choices)
+        self.local_size_choices = tuple(int(v) for v in self.local_size_choices)
+        for name in ("global_size_choices", "local_size_choices"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name} must all be >= 1, got {getattr(self, name)}")
+        if self.hires_factor < 1:
+            raise ValueError(f"hires_factor must be >= 1, got {self.hires_factor}")
+
+    def for_batch(self, rng: np.random.Generator) -> MultiCropConfig:
+        """The crops of one batch: sizes drawn from the choices (this config itself when there are none)."""
+        if not self.global_size_choices and not self.local_size_choices:
+            return self
+        g = int(rng.choice(self.global_size_choices)) if self.global_size_choices else self.global_size
+        loc = int(rng.choice(self.local_size_choices)) if self.local_size_choices else self.local_size
+        return replace(self, global_size=g, local_size=loc, global_size_choices=(), local_size_choices=())
 
     @property
     def blur_probabilities(self) -> tuple[float, float, float]:
@@ -135,9 +158,9 @@ class MultiCropConfig:
         """Short side below which draft decoding must not go: the smallest crop of each kind is not upsampled."""
         if self.decode_min_size:
             return self.decode_min_size
-        need = [self.global_size / math.sqrt(self.global_scale[0])]
+        need = [max((self.global_size, *self.global_size_choices)) / math.sqrt(self.global_scale[0])]
         if self.n_local:
-            need.append(self.local_size / math.sqrt(self.local_scale[0]))
+            need.append(max((self.local_size, *self.local_size_choices)) / math.sqrt(self.local_scale[0]))
         return int(math.ceil(max(need)))
 
 

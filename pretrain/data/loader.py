@@ -75,12 +75,17 @@ class MultiCropWebDataset(IterableDataset):
                              n_streams=self.world_size * k_total, seed=cfg.seed, reseed=reseed,
                              shards_per_window=cfg.shards_per_window, shuffle_buffer=cfg.shuffle_buffer,
                              max_empty_shards=cfg.max_empty_shards, state=state["stream"])
-        augment = MultiCropAugment(self.crops)
+        augments: dict[tuple[int, int], MultiCropAugment] = {}
         min_side = self.crops.min_decode_side
         image_keys, label_key = cfg.image_keys, cfg.label_key
         samples_it = iter(stream)
         while True:
             b = base + made * k_total + worker
+            crops = self.crops.for_batch(np.random.default_rng([cfg.seed, 6, b]))  # mixed resolutions: per batch
+            key = (crops.global_size, crops.local_size)
+            if key not in augments:
+                augments[key] = MultiCropAugment(crops)
+            augment = augments[key]
             samples: list[dict[str, Any]] = []
             while len(samples) < cfg.batch_size:
                 set_index, raw = next(samples_it)

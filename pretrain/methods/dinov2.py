@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pretrain.checkpoint import ModelState, OptimizerState, full_state_dict
@@ -107,7 +108,18 @@ class DINOv2Method(Method):
         return parts
 
     def views(self, crops: MultiCropConfig) -> Views:
-        return Views(crops=crops, patch_size=self.arch.student["backbone"].patch_size, masking=self.cfg.data.masking)
+        """The phase's crops; with ``phases.gram_upscale = f`` the global crops are rendered at f x their size (and
+        the masks on the student's grid): the Gram teacher sees them, the student and teacher a downscaled copy."""
+        patch = self.arch.student["backbone"].patch_size
+        f = crops.hires_factor
+        self._hires = f
+        if f == 1:
+            return Views(crops=crops, patch_size=patch, masking=self.cfg.data.masking)
+        if self.arch.gram_teacher is None:
+            raise ValueError("phases.gram_upscale > 1 feeds the Gram teacher; it needs loss.gram_weight > 0")
+        hires = dataclasses.replace(crops, global_size=crops.global_size * f, hires_factor=1,
+                                    global_size_choices=tuple(v * f for v in crops.global_size_choices))
+        return Views(crops=hires, patch_size=patch * f, masking=self.cfg.data.masking)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return build_param_groups(self.arch.student, self.cfg.optim, split_backbone=self.cfg.head_warmup.enabled)
@@ -127,6 +139,12 @@ class DINOv2Method(Method):
         if self.arch.gram_teacher is not None and values.step == self.cfg.loss.gram_start:
             self.arch.refresh_gram_teacher()  # Gram anchoring starts: the Gram teacher is the current EMA teacher
         frozen = self._frozen()
+        f = getattr(self, "_hires", 1)
+        if f > 1:  # high-resolution Gram teacher: the other networks see the crops downscaled to their size
+            g = batch["global_crops"]
+            small = F.interpolate(g.float(), size=(g.shape[-2] // f, g.shape[-1] // f), mode="bicubic",
+                                  antialias=True, align_corners=False).to(g.dtype)
+            batch = {**batch, "global_crops": small, "gram_crops": g}
         loss, out = self.arch.compute_losses(batch, values.teacher_temp, values.step, freeze_backbone=frozen)
         if self.cfg.head_warmup.enabled:
             ex = out["extras"]

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pretrain.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, teacher_probs
@@ -112,6 +113,20 @@ def head_logits(net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor | N
         return net["dino_head"](cls), net["ibot_head"](patches)
     out = net["dino_head"](torch.cat([cls, patches]))
     return out[: cls.shape[0]], out[cls.shape[0]:]
+
+
+def resize_patch_grid(patches: torch.Tensor, from_hw: tuple[int, int] | torch.Size,
+                      to_hw: tuple[int, int] | torch.Size) -> torch.Tensor:  # fmt: skip
+    """Patch tokens (B, N, D) of images of size ``from_hw`` resized (bicubic, antialiased, as DINOv3 downsamples its
+    high-resolution Gram teacher's features) to the patch grid of images of size ``to_hw`` (same patch size)."""
+    b, n, d = patches.shape
+    h, w = int(from_hw[0]), int(from_hw[1])
+    gh = int(round((n * h / w) ** 0.5))
+    gw = n // gh
+    th, tw = gh * int(to_hw[0]) // h, gw * int(to_hw[1]) // w
+    grid = patches.transpose(1, 2).reshape(b, d, gh, gw).float()
+    out = F.interpolate(grid, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+    return out.flatten(2).transpose(1, 2).to(patches.dtype)
 
 
 class SSLMetaArch(nn.Module):
@@ -213,7 +228,10 @@ class SSLMetaArch(nn.Module):
             from pretrain.losses.gram import gram_loss
 
             with torch.no_grad():
-                gram_patches = self.gram_teacher["backbone"].forward_features(g)["x_norm_patchtokens"]
+                gram_in = batch.get("gram_crops", g)
+                gram_patches = self.gram_teacher["backbone"].forward_features(gram_in)["x_norm_patchtokens"]
+                if gram_in.shape[-1] != g.shape[-1]:  # higher-resolution Gram teacher: features to the student grid
+                    gram_patches = resize_patch_grid(gram_patches, gram_in.shape[-2:], g.shape[-2:])
             parts["gram"] = gram_loss(outs[0]["x_norm_patchtokens"], gram_patches, cfg.gram_clamp)
             total = total + cfg.gram_weight * parts["gram"]
         parts["total"] = total

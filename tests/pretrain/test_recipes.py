@@ -35,7 +35,8 @@ def test_recipes_exist():
 def test_recipe_parses_with_highres_phase(recipe):
     cfg = load_config(TrainConfig, str(recipe))
     phases = plan_phases(cfg, world_size=8)
-    assert len(phases) == 2 and phases[1].name == "highres"
+    assert len(phases) >= 2 and phases[1].name == "highres"
+    assert all(p.name == "hires_adapt" and p.crops.hires_factor == 2 for p in phases[2:])
     assert phases[1].start == cfg.schedule.total_iters
 
 
