@@ -227,6 +227,21 @@ class DinoVisionTransformer(nn.Module):
             tokens = blk(tokens, rope)
         return [self._outputs(t, m) for t, m in zip(tokens, masks_list)]
 
+    def forward_features_visible(self, x: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """MAE's encoder: CLS, registers and only the patches ``keep`` ``(B, K)`` (indices into the patch grid), each
+        with its learned position embedding, through the blocks and the norm. Patch tokens come in ``keep``'s order."""
+        if self.rope is not None:
+            raise ValueError("forward_features_visible needs learned position embeddings (pos_embed='rope' has none)")
+        tokens = self.prepare_tokens(x)
+        prefix = 1 + self.num_register_tokens
+        if keep.ndim != 2 or keep.shape[0] != x.shape[0]:
+            raise ValueError(f"keep must have shape (B, K) with B = {x.shape[0]}, got {tuple(keep.shape)}")
+        idx = keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        tokens = torch.cat((tokens[:, :prefix], tokens[:, prefix:].gather(1, idx)), dim=1)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self._outputs(tokens, None)
+
     def _rope_tables(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
         """Rotary tables per crop group (one augmentation draw per group in training), or None."""
         if self.rope is None:
