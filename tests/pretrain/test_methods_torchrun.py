@@ -1,5 +1,5 @@
-"""Every method of the contrastive lineage trains from its tiny recipe through ``python -m pretrain train`` under a
-real ``torchrun`` with 2 gloo processes (rendezvous on 127.0.0.1), checkpoints and exports."""
+"""Every method of the lineage (issues 15 and 16) trains from its tiny recipe through ``python -m pretrain train``
+under a real ``torchrun`` with 2 gloo processes (rendezvous on 127.0.0.1), checkpoints and exports."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ METHODS = {
     "cpc_tiny_cpu": {"cpc.backbone": '"resnet_test"', "cpc.backbone_overrides": "{}", "cpc.context_dim": 16},
     "cmc_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "cmc.dim": 16,
                      "cmc.num_negatives": 8},
+    "mae_tiny_cpu": {"backbone.name": '"vit_test"', "mae.decoder_dim": 16, "mae.decoder_depth": 1,
+                     "mae.decoder_heads": 2, "backbone.overrides": "{patch_size = 7, img_size = 28, init_values = 0}"},
 }
 
 
