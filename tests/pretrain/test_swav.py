@@ -82,7 +82,7 @@ def test_recipes_parse_with_the_paper_settings():
     assert cfg.data.shards.batch_size * 64 == sc.lr_reference_batch == 4096
     sched = Schedules(sc, 4096)
     assert sched.at(10 * 313).lr == pytest.approx(4.8) and sched.at(800 * 313 - 1).lr == pytest.approx(0.0048, 1e-3)
-    assert sched.at(0).last_layer_lr == 0.0 or sc.freeze_last_layer_epochs == 0
+    assert sc.freeze_last_layer_epochs == 0  # the prototype freeze is swav.freeze_prototypes_iters (adjust_lr)
     tiny = load_config(TrainConfig, TINY)
     assert type(tiny) is SwAVConfig and tiny.swav.queue_size > 0 and tiny.data.crops.n_local > 0
     for field, value in (("swav.temperature", "0"), ("swav.epsilon", "-1"), ("swav.n_prototypes", "0"),
