@@ -27,6 +27,9 @@ METHODS = {
     "cpc_tiny_cpu": {"cpc.backbone": '"resnet_test"', "cpc.backbone_overrides": "{}", "cpc.context_dim": 16},
     "cmc_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "cmc.dim": 16,
                      "cmc.num_negatives": 8},
+    "byol_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "byol.dim": 16, "byol.mlp_dim": 32},
+    "simsiam_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "simsiam.dim": 16,
+                         "simsiam.pred_dim": 8},
     "mae_tiny_cpu": {"backbone.name": '"vit_test"', "mae.decoder_dim": 16, "mae.decoder_depth": 1,
                      "mae.decoder_heads": 2, "backbone.overrides": "{patch_size = 7, img_size = 28, init_values = 0}"},
 }
