@@ -30,6 +30,9 @@ METHODS = {
     "byol_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "byol.dim": 16, "byol.mlp_dim": 32},
     "simsiam_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "simsiam.dim": 16,
                          "simsiam.pred_dim": 8},
+    "swav_tiny_cpu": {"backbone.name": '"resnet_test"', "backbone.overrides": "{}", "swav.hidden_dim": 16,
+                      "swav.out_dim": 8, "swav.n_prototypes": 10, "swav.queue_size": 8,
+                      "swav.queue_start_epoch": 0, "swav.freeze_prototypes_iters": 1},
     "mae_tiny_cpu": {"backbone.name": '"vit_test"', "mae.decoder_dim": 16, "mae.decoder_depth": 1,
                      "mae.decoder_heads": 2, "backbone.overrides": "{patch_size = 7, img_size = 28, init_values = 0}"},
 }
