@@ -4,7 +4,6 @@ proximal update, finite extremes, 2 gloo processes against 1, bitwise resume and
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pretrain.train import TrainConfig, Trainer, main
 from pretrain.utils.config import load_config
 
 from .._dist import run_distributed
+from .method_utils import read_metrics, slice_views
 from .test_simclr import _knn
 from .trainer_utils import write_shards
 
@@ -56,8 +56,7 @@ def _batch(ids: list[int], seed: int = 1) -> dict:
             "sets": torch.zeros(len(ids), dtype=torch.long)}
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def test_recipes_parse_with_the_papers_settings():
@@ -160,13 +159,7 @@ def test_extreme_logits_stay_finite(shards):
 
 
 # ---------------------------------------------------------------------------------------------- distributed
-def _slice(batch: dict, rank: int, world: int) -> dict:
-    x = batch["global_crops"]
-    views = x.reshape(2, x.shape[0] // 2, *x.shape[1:])
-    per = views.shape[1] // world
-    sl = slice(rank * per, (rank + 1) * per)
-    return {"global_crops": views[:, sl].reshape(-1, *x.shape[1:]), "keys": batch["keys"][sl],
-            "sets": batch["sets"][sl]}
+_slice = slice_views
 
 
 def _parity_run(rank: int, world: int, urls: str, out: str) -> dict:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pretrain.train import TrainConfig, Trainer, main
 from pretrain.utils.config import load_config
 
 from .._dist import run_distributed
+from .method_utils import read_metrics, slice_views
 from .test_simclr import _knn
 from .trainer_utils import write_shards
 
@@ -49,8 +49,7 @@ def _method(**extra: object) -> InvaSpreadMethod:
     return method
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def test_recipes_parse_with_the_released_settings():
@@ -107,11 +106,7 @@ def _batches(n_steps: int, b: int = 8):
     return [{"global_crops": torch.randn(2 * b, 3, 28, 28, generator=g)} for _ in range(n_steps)]
 
 
-def _slice(batch: dict, rank: int, world: int) -> dict:
-    x = batch["global_crops"]
-    views = x.reshape(2, x.shape[0] // 2, *x.shape[1:])
-    per = views.shape[1] // world
-    return {"global_crops": views[:, rank * per:(rank + 1) * per].reshape(-1, *x.shape[1:])}
+_slice = slice_views
 
 
 def _parity_run(rank: int, world: int, out: str) -> dict:

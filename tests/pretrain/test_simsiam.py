@@ -5,7 +5,6 @@ with the export, the collapse monitor, and a Fashion-MNIST run beating random in
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pretrain.train import TrainConfig, Trainer, main
 from pretrain.utils.config import load_config
 
 from .._dist import run_distributed
+from .method_utils import fast_sets, read_metrics, slice_views
 from .test_simclr import _knn
 from .trainer_utils import write_shards
 
@@ -44,12 +44,7 @@ def shards(tmp_path_factory):
 
 
 def _sets(urls: str = "/nonexistent-{0..0}.tar", **extra: object) -> list[str]:
-    sets = {"data.shards.urls": f'["{urls}"]', "data.shards.batch_size": "4", "data.shards.num_workers": "0",
-            "data.shards.shuffle_buffer": "8", "schedule.epoch_length": "2", "schedule.epochs": "3",
-            "schedule.warmup_epochs": "0", "schedule.lr_reference_batch": "4", "train.log_every": "1",
-            "train.monitor_every": "2", "train.checkpoint_every": "2", "train.tensorboard": "false", **SMALL}
-    sets.update({k: str(v) for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in sets.items()]
+    return fast_sets(urls, SMALL, **extra)
 
 
 def _method(**extra: object) -> SimSiamMethod:
@@ -60,8 +55,7 @@ def _method(**extra: object) -> SimSiamMethod:
     return method
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def test_recipes_parse_with_the_papers_settings():
@@ -168,11 +162,7 @@ def _batches(n_steps: int, b: int = 8):
     return [{"global_crops": torch.randn(2 * b, 3, 28, 28, generator=g)} for _ in range(n_steps)]
 
 
-def _slice(batch: dict, rank: int, world: int) -> dict:
-    x = batch["global_crops"]
-    views = x.reshape(2, x.shape[0] // 2, *x.shape[1:])
-    per = views.shape[1] // world
-    return {"global_crops": views[:, rank * per:(rank + 1) * per].reshape(-1, *x.shape[1:])}
+_slice = slice_views
 
 
 # per-sample backbone features (a ResNet's global BN gives the same numbers at step 0, but its few-sample

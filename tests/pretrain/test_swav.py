@@ -5,7 +5,6 @@ processes against 1, bitwise resume with the queue, and a Fashion-MNIST run beat
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pretrain.train import TrainConfig, Trainer, main
 from pretrain.utils.config import load_config
 
 from .._dist import run_distributed
+from .method_utils import read_metrics, slice_views
 from .test_simclr import _knn
 from .trainer_utils import write_shards
 
@@ -55,8 +55,7 @@ def _method(**extra: object) -> SwAVMethod:
     return method
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _batch(b: int = 4, n_local: int = 2, seed: int = 1) -> dict:
@@ -233,14 +232,7 @@ def test_queue_order_wrap_and_start(tmp_path):
     assert not torch.equal(arch.queue[0], arch.queue[1])
 
 
-def _slice(batch: dict, rank: int, world: int) -> dict:
-    out = {}
-    for key, x in batch.items():
-        n_crops = 2 if key == "global_crops" else x.shape[0] // (batch["global_crops"].shape[0] // 2)
-        crops = x.reshape(n_crops, x.shape[0] // n_crops, *x.shape[1:])
-        per = crops.shape[1] // world
-        out[key] = crops[:, rank * per:(rank + 1) * per].reshape(-1, *x.shape[1:])
-    return out
+_slice = slice_views
 
 
 def _parity_run(rank: int, world: int, out: str) -> dict:
