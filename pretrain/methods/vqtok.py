@@ -11,9 +11,9 @@ Representation Learning") trained on the pretraining shards as the discrete visu
   buffer updated by exponential moving averages of the assigned counts and sums (VQ-VAE appendix A.1, decay
   ``vqtok.decay``), summed over all ranks, after the optimizer step. At the first step it is initialised from
   encoder outputs of the batch (``vqtok.data_init``); codes whose average count falls below
-  ``vqtok.dead_threshold`` are restarted at encoder outputs of the batch (dead-code restart). The candidates are a
-  few patches per image drawn from a generator seeded by (seed, step, global image index), so the update does not
-  depend on the split over ranks.
+  ``vqtok.dead_threshold`` are restarted at encoder outputs of the batch (dead-code restart). The candidates are
+  a few distinct patches per crop drawn from a generator seeded by (seed, step, global image index), so the update
+  does not depend on the split over ranks.
 - Loss: ``mse(reconstruction, image) + beta * mse(z_e, sg[e])`` (the commitment term as a mean over elements; the
   codebook term of the paper is replaced by the EMA update). fp32.
 - Metrics: ``recon`` and ``commit`` every step; codebook perplexity, codes used in the batch and dead codes as
@@ -203,7 +203,10 @@ def load_tokenizer(path: str | Path, field: str = "beit.tokenizer") -> tuple[VQT
     if not str(path) or not p.is_file():
         raise ValueError(f"{field}: no tokenizer export at {str(path)!r} (a vqtok run's export folder or its "
                          "tokenizer.pth; train one with `python -m pretrain train pretrain/recipes/vqtok_*.toml`)")
-    blob = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one with objects beyond tensors and plain types
+        raise ValueError(f"{field}: {p} is not a vqtok tokenizer export ({type(exc).__name__})") from exc
     if not isinstance(blob, dict) or blob.get("method") != "vqtok" or "state_dict" not in blob:
         raise ValueError(f"{field}: {p} is not a vqtok tokenizer export")
     try:
@@ -266,7 +269,9 @@ class VQTokMethod(Method):
         rows = []
         for i in range(b):
             g = torch.Generator().manual_seed(_sample_seed(self.cfg.seed, step, rank() * b + i))
-            idx = torch.randint(n, (n_crops, CANDIDATES_PER_CROP), generator=g).to(z.device)
+            idx = (torch.stack([torch.randperm(n, generator=g)[:CANDIDATES_PER_CROP] for _ in range(n_crops)])
+                   if n >= CANDIDATES_PER_CROP else torch.randint(n, (n_crops, CANDIDATES_PER_CROP), generator=g))
+            idx = idx.to(z.device)
             rows.append(torch.cat([per_img[c, i][idx[c]] for c in range(n_crops)]))
         return torch.stack(rows)
 
