@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from .test_beit import write_tokenizer
 from .trainer_utils import write_shards
 
 RECIPES = Path(__file__).resolve().parents[2] / "pretrain" / "recipes"
+#: stands for the path of the ``tokenizer`` fixture's export (BEiT's frozen tokenizer)
+TOKENIZER = "@TOKENIZER@"
 #: tiny recipe -> overrides shrinking its networks (the per-method tests use the same ones)
 METHODS = {
     "simclr_tiny_cpu": {"simclr.backbone": '"resnet_test"'},
@@ -35,7 +38,13 @@ METHODS = {
                       "swav.queue_start_epoch": 0, "swav.freeze_prototypes_iters": 1},
     "mae_tiny_cpu": {"backbone.name": '"vit_test"', "mae.decoder_dim": 16, "mae.decoder_depth": 1,
                      "mae.decoder_heads": 2, "backbone.overrides": "{patch_size = 7, img_size = 28, init_values = 0}"},
+    "vqtok_tiny_cpu": {"vqtok.patch_size": 7, "vqtok.codebook_size": 16, "vqtok.code_dim": 4, "vqtok.hidden_dim": 8},
+    "beit_tiny_cpu": {"backbone.name": '"vit_test"', "beit.num_mask_patches": 6, "beit.min_block_patches": 2,
+                      "backbone.overrides": "{patch_size = 7, img_size = 28, init_values = 0}",
+                      "beit.tokenizer": TOKENIZER},
 }
+#: what a run exports when it is not ``backbone.pth``
+EXPORTS = {"vqtok_tiny_cpu": "tokenizer.pth"}
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +52,19 @@ def shards(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("shards"), n=32, per_shard=16)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A vqtok export with 7 px codes (BEiT's targets on the 4 x 4 grid of vit_test at 28 px)."""
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
 @pytest.mark.parametrize("recipe", sorted(METHODS))
-def test_method_trains_under_torchrun_with_two_gloo_processes(recipe, shards, tmp_path):
+def test_method_trains_under_torchrun_with_two_gloo_processes(recipe, shards, tokenizer, tmp_path):
     sets = {"data.shards.urls": f'["{shards}"]', "data.shards.batch_size": 4, "data.shards.num_workers": 0,
             "data.shards.shuffle_buffer": 8, "schedule.epoch_length": 2, "schedule.epochs": 2,
             "schedule.warmup_epochs": 0, "schedule.lr_reference_batch": 8, "train.log_every": 1,
             "train.checkpoint_every": 2, "train.tensorboard": "false", "train.precision": '"fp32"',
-            **METHODS[recipe]}
+            **{k: f'"{tokenizer}"' if v == TOKENIZER else v for k, v in METHODS[recipe].items()}}
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", "--max_restarts=0",
@@ -64,5 +79,5 @@ def test_method_trains_under_torchrun_with_two_gloo_processes(recipe, shards, tm
     assert all(m["loss"] == m["loss"] and abs(m["loss"]) < 1e6 for m in metrics)  # finite
     config = (out / "config.toml").read_text()
     assert f'method = "{recipe.removesuffix("_tiny_cpu")}"' in config
-    assert (out / "export" / "backbone.pth").exists() and any((out / "checkpoints").iterdir())
+    assert (out / "export" / EXPORTS.get(recipe, "backbone.pth")).exists() and any((out / "checkpoints").iterdir())
     assert "2 processes" in done.stderr
