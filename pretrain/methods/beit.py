@@ -25,6 +25,8 @@ masked image modelling against the codes of a frozen discrete tokenizer.
   gradient clipping 3.0; no weight decay on biases, norms, LayerScale, position embeddings and tokens.
 - Metrics: ``mim`` (the loss) every step; masked-token accuracy, the accuracy of always predicting the most frequent
   masked target of the batch, the masked fraction and the perplexity of the targets as monitors.
+- Checkpoint: the whole ``arch``, the frozen tokenizer included (it is small; the export must still exist to build
+  the run).
 - Export: ``backbone.pth`` (+ ``.json`` sidecar; a plain ViT) and ``head.pth`` (the code head's state dict).
 """
 
@@ -154,8 +156,11 @@ class BEiTArch(nn.Module):
         self.head = nn.Linear(net.embed_dim, tok.cfg.codebook_size)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        trained_at = int(blob.get("img_size", 0))
+        if trained_at and trained_at != tok_size:
+            logger.warning("beit.tokenizer: %s was trained on %d px crops, BEiT shows it %d px crops", cfg.tokenizer,
+                           trained_at, tok_size)
         self.tokenizer = tok
-        self.tokenizer_img_size = int(blob.get("img_size", 0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
 
@@ -221,8 +226,7 @@ class BEiTMethod(Method):
         crops = batch["global_crops"]  # crop-major: every image's first crop, then every second crop
         res = self.predict(crops[: len(crops) // 2], int(self.arch.steps))
         logits, target = res["logits"].float(), res["target"]
-        local = torch.tensor(float(target.numel()), device=logits.device)
-        total = all_reduce_sum_(local.clone()).clamp_min(1.0)
+        total = all_reduce_sum_(torch.tensor(float(target.numel()), device=logits.device)).clamp_min(1.0)
         # sum over this rank's masked patches / the global count, times the world size: the data-parallel mean of
         # the ranks' losses (what their gradients average to) is the mean over every masked patch of the batch
         loss = F.cross_entropy(logits, target, reduction="sum") * world_size() / total

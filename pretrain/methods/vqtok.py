@@ -112,11 +112,13 @@ class VQTokConfig(TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------ functions
-def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code (L2) of every row of ``z`` ``(M, d)`` in ``codebook`` ``(K, d)``; fp32."""
+def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest code (L2) of every row of ``z`` ``(M, d)`` in ``codebook`` ``(K, d)``; fp32, ``chunk``
+    rows at a time (the distance matrix of a full-scale batch against 8192 codes would be ~1 GB)."""
     z, e = z.float(), codebook.float()
-    dist = z.square().sum(1, keepdim=True) - 2 * z @ e.t() + e.square().sum(1)[None]
-    return dist.argmin(1)
+    e2 = e.square().sum(1)[None]
+    return torch.cat([(part.square().sum(1, keepdim=True) - 2 * part @ e.t() + e2).argmin(1)
+                      for part in z.split(chunk)]) if len(z) else torch.zeros(0, dtype=torch.long, device=z.device)
 
 
 def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -189,9 +191,6 @@ class VQTokenizer(nn.Module):
             st = (z + (q - z).detach()).reshape(b, gh, gw, d).permute(0, 3, 1, 2)
             recon = self.decoder(st)
         return {"codes": codes, "z": z, "q": q, "recon": recon}
-
-    def config(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.cfg)
 
 
 def load_tokenizer(path: str | Path, field: str = "beit.tokenizer") -> tuple[VQTokenizer, dict[str, Any]]:
