@@ -132,3 +132,38 @@ def test_distill_fmnist_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     assert all(s == 0 for s in json.loads((tmp_path / "results.json").read_text())["wall_s"].values())
     with pytest.raises(SystemExit, match="another recipe or other settings"):  # never a stale run for new settings
         bench.main(argv + ["--distill-set", "loss.koleo_weight=0.05"])
+
+
+def test_ssl_zoo_smoke_two_methods_one_seed(capsys, tmp_path):
+    """bench/ssl_zoo.py end to end on tiny settings: curation (no Ray) of 300 images, SimCLR v1 and tiny DINOv2 for
+    6 steps of 8 images, k-NN and linear probe on 300 / 100 images; then a rerun reuses every run and evaluation."""
+    zoo = _load("ssl_zoo")
+    out = tmp_path / "zoo.json"
+    argv = ["--workdir", str(tmp_path), "--methods", "dinov2", "simclrv1", "--seeds", "0", "--images", "48",
+            "--batch", "8", "--pool", "300", "--eval-train", "300", "--eval-test", "100", "--ray", "none",
+            "--probe-epochs", "2", "--json", str(out)]
+    assert zoo.main(argv) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert [r["method"] for r in res["rows"]][:2] == ["simclrv1", "dinov2"]  # lineage order, not argv order
+    assert {"random init (resnet18_small width=16 @28)",
+            "random init (vit_mini patch_size=7, img_size=56, init_values=0 @56)", "raw pixels"} <= set(rows)
+    for name, row in rows.items():
+        for metric in ("knn20", "linear"):
+            s = row[metric]
+            assert 0.0 <= s["min"] <= s["median"] <= s["max"] <= 1.0, (name, metric, s)
+    for name in ("simclrv1", "dinov2"):
+        r = rows[name]
+        assert r["n"] == 1 and r["images"] == 48 and r["steps"] == 6 and r["cpu_min"]["median"] > 0
+        assert f"| {name} |" in text
+    assert res["curation"]["funnel"]["ingest"]["in"] == 300 and res["curation"]["count"] == 150
+    assert "| raw pixels |" in text and "k-NN@20 median [min-max]" in text
+    assert zoo.main(argv) == 0  # resumable: everything is reused
+    rerun = json.loads(out.read_text())
+    assert all(r["reused"] for row in rerun["rows"] for r in row.get("runs", []) if "reused" in r)
+    with pytest.raises(SystemExit, match="other settings"):  # a finished run is never reused for new settings
+        zoo.main([*argv[:10], "16", *argv[11:]])  # --batch 16
+    with pytest.raises(SystemExit):
+        zoo.main(["--workdir", str(tmp_path), "--methods", "simclr"])
+    assert "valid: instdisc, invaspread, cpc" in capsys.readouterr().err
