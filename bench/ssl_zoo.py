@@ -145,8 +145,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("instdisc", "Wu et al. 2018", "instdisc_tiny_cpu", "resnet18_small w16", (RESNET,), random_init=RN),
     Method("invaspread", "Ye et al. 2019", "invaspread_tiny_cpu", "resnet18_small w16", (RESNET,), random_init=RN),
     Method("cpc", "Henaff et al. 2019 (CPC v2)", "cpc_tiny_cpu", "resnet18_small w16 LN (patches)",
-           ("cpc.backbone_overrides={width = 16}",), features="cpc"),
-    Method("cmc", "Tian et al. 2019", "cmc_tiny_cpu", "2x resnet18_small w16 (L, ab)", (RESNET,), features="cmc"),
+           ("cpc.backbone_overrides={width = 16}",), features="cpc", random_init=RN),
+    Method("cmc", "Tian et al. 2019", "cmc_tiny_cpu", "2x resnet18_small w16 (L, ab)", (RESNET,), features="cmc",
+           random_init=RN),
     Method("mocov1", "He et al. 2019", "moco_tiny_cpu", "resnet18_small w16",
            (RESNET, "moco.version=1", "moco.temperature=0.07", "data.crops.jitter_p=1.0", "data.crops.hue=0.4",
             "data.crops.blur_p_global1=0.0", "data.crops.blur_p_global2=0.0"), random_init=RN),
@@ -356,11 +357,9 @@ def load_trained(m: Method, run: Path) -> nn.Module:
         model: nn.Module = CMCFeatures(build_backbone(None, weights=str(export / "backbone.pth")),
                                        build_backbone(None, weights=str(export / "ab_backbone.pth")))
     elif m.features == "cpc":
-        meta = json.loads((export / "backbone.pth.json").read_text()) if (export / "backbone.pth.json").exists() \
-            else {}
-        extra = meta.get("extra", meta)
-        model = CPCFeatures(build_backbone(None, weights=str(export / "backbone.pth")), int(extra.get("grid", 3)),
-                            int(extra.get("patch_size", 14)), int(extra.get("stride", 7)))
+        meta = json.loads((export / "backbone.pth.json").read_text())  # the sidecar holds the patch grid
+        model = CPCFeatures(build_backbone(None, weights=str(export / "backbone.pth")), int(meta["grid"]),
+                            int(meta["patch_size"]), int(meta["stride"]))
     else:
         model = build_backbone(None, weights=str(export / m.export))
     return model.eval().requires_grad_(False)
