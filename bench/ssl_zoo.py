@@ -81,7 +81,7 @@ took 941 s (ingest 60000 -> embed 60000 -> dedupe 58753 -> balanced 30000 -> sha
 default budget (468 steps x 64 = 29,952 images) 702 s wall / 707 CPU-s (11.8 CPU-min); its evaluation on
 60,000 + 10,000 images at 56 px (extraction, k-NN, probe) 165 s. 30-step smoke runs at batch 64 cost 0.3-0.6
 CPU-min for the ResNet methods (start-up included), so a ResNet run at the default budget is ~5-10 CPU-min. The
-full zoo (17 methods x 3 seeds, 5 random-init architectures x 3 seeds, pixels) is therefore ~8-11 hours wall:
+full zoo (17 methods x 3 seeds, 4 random-init architectures x 3 seeds, pixels) is therefore ~8-11 hours wall:
 ~7 h of pretraining, ~2.5 h of evaluation, 16 min of curation.
 
 A run directory holding ``export/`` and a ``bench_request.json`` with the same recipe text and overrides is
