@@ -97,13 +97,16 @@ class EmbedConfig:
     """``descriptor`` (built-in, weight-free copy-detection descriptor), ``backbone`` (a ``pretrain.models``
     name), ``torchscript`` (a scripted module file) or ``plugin`` (``factory`` builds an embedder)."""
     name: str = "vits14"
-    """Backbone name for ``model = "backbone"`` (any ``pretrain.models.build_backbone`` name)."""
+    """Backbone name for ``model = "backbone"`` (any ``pretrain.models.build_backbone`` name), or ``auto``: the
+    architecture recorded in the ``<weights>.json`` sidecar of a dinoforge export (``teacher.pth``,
+    ``backbone.pth``)."""
     weights: str = ""
     """Weights path or fsspec URL: a backbone checkpoint or the TorchScript file."""
     factory: str = ""
     """``package.module:function`` returning an embedder, for ``model = "plugin"``."""
     image_size: int = 224
-    """Input side in pixels for neural models."""
+    """Input side in pixels for neural models (the pixel plugin: the side the pixels are taken at); 0 = the
+    backbone's own ``img_size`` (``model = "backbone"`` only; e.g. 28 for a Fashion-MNIST export)."""
     resize: Literal["short_side_crop", "square"] = "short_side_crop"
     """``short_side_crop``: resize the short side then centre-crop; ``square``: resize to a fixed square."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -124,8 +127,8 @@ class EmbedConfig:
     (autoscaling clusters); ``cpu``: CPU actors. The built-in descriptor always runs on CPU actors."""
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ValueError(f"embed.image_size must be >= 8, got {self.image_size}")
+        if self.image_size < 8 and not (self.image_size == 0 and self.model == "backbone"):
+            raise ValueError(f"embed.image_size must be >= 8 (0: the backbone's own size), got {self.image_size}")
         if self.batch_size < 1:
             raise ValueError(f"embed.batch_size must be >= 1, got {self.batch_size}")
         if self.num_actors < 0:

@@ -42,7 +42,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from pretrain.eval.fashion_mnist import read_idx
 
-__all__ = ["CLASSES", "DemoData", "format_summary", "main", "nmi", "prepare_demo_data", "run_curation_demo"]
+__all__ = ["CLASSES", "RETRIEVAL_STAGES", "DemoData", "curate_retrieval", "embedder_overrides", "format_summary",
+           "main", "nmi", "prepare_demo_data", "retrieval_by_class", "run_curation_demo", "seed_class_of"]
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +290,36 @@ def _evaluate(run_dir: str, data: DemoData, records: dict[str, Any]) -> dict[str
     }  # fmt: skip
 
 
+_DATA_CACHE: dict[str, tuple[str, DemoData]] = {}
+
+
+def _demo_data(root: Path, **kwargs: Any) -> DemoData:
+    """:func:`prepare_demo_data`, reused within this process when ``root`` was written with the same arguments."""
+    key = json.dumps({k: list(v) if isinstance(v, (tuple, list)) else v for k, v in kwargs.items()}, sort_keys=True)
+    hit = _DATA_CACHE.get(str(root.resolve()))
+    if hit and hit[0] == key and root.is_dir():
+        return hit[1]
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    data = prepare_demo_data(root, **kwargs)
+    _DATA_CACHE[str(root.resolve())] = (key, data)
+    return data
+
+
 def run_curation_demo(out_dir: str | os.PathLike, *, pool_size: int = 6000, n_seeds: int = 300, num_cpus: int = 2,
-                      address: str = "", seed: int = 0, overrides: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
-    """Prepare the demo data under ``out_dir/data`` and curate it into ``out_dir/run``; return the figures.
+                      address: str = "", seed: int = 0, overrides: Sequence[str] = (),
+                      seed_classes: Sequence[str] = ("trouser", "bag", "ankle-boot"),
+                      run_name: str = "run") -> dict[str, Any]:  # fmt: skip
+    """Prepare the demo data under ``out_dir/data`` and curate it into ``out_dir/<run_name>``; return the figures.
 
     ``address``: Ray address (empty = the current or a new in-process Ray with ``num_cpus`` CPUs, ``none`` = no
-    Ray). ``overrides``: extra ``a.b=value`` settings on top of ``recipes/demo.toml``.
+    Ray). ``overrides``: extra ``a.b=value`` settings on top of ``recipes/demo.toml`` (e.g. another embedder:
+    ``embed.model="backbone"``, ``embed.name="auto"``, ``embed.weights="<run>/export/teacher.pth"``,
+    ``embed.image_size=0``). ``seed_classes``: the classes of the seed set (default: the demo's). The data is
+    written once: a second call with the same ``out_dir`` and data arguments reuses it (e.g. to curate the same
+    pool with another embedder into another ``run_name``).
     """
     from curation.cli import load_run_config
     from curation.io.fs import atomic_write_bytes, join, read_json
@@ -304,14 +329,14 @@ def run_curation_demo(out_dir: str | os.PathLike, *, pool_size: int = 6000, n_se
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    data = prepare_demo_data(out / "data", pool_size=pool_size, n_seeds=n_seeds, seed=seed)
+    data = _demo_data(out / "data", pool_size=pool_size, n_seeds=n_seeds, seed=seed, seed_classes=seed_classes)
     seeds = json.dumps(data.seed_sources)
     config = load_run_config("demo", [
         f"ingest.sources={json.dumps(data.pool_sources)}",
         f'retrieve.seeds=[{{name="fashion", sources={seeds}, method="knn", n_per_seed=4}}]',
         f"ray.num_cpus={num_cpus}", f"seed={seed}", *overrides,
     ], address or None)  # fmt: skip
-    run_dir = str(out / "run")
+    run_dir = str(out / run_name)
     atomic_write_bytes(join(run_dir, "config.toml"), dump_toml(to_dict(config)).encode())
     t_prep = time.perf_counter() - t0
     with executor_for(config.ray) as executor:
@@ -330,6 +355,90 @@ def run_curation_demo(out_dir: str | os.PathLike, *, pool_size: int = 6000, n_se
     )  # fmt: skip
     log.info("curation demo done in %.1fs: %s", result["seconds"]["total"], format_summary(result))
     return result
+
+
+def seed_class_of(data: DemoData) -> dict[str, int]:
+    """uid -> label of every seed image of ``data`` (its class is the name of its directory)."""
+    out: dict[str, int] = {}
+    for src in data.seed_sources:
+        for p in Path(src).rglob("*.png"):
+            out[hashlib.sha1(p.read_bytes()).hexdigest()] = CLASSES.index(p.parent.name)
+    return out
+
+
+def retrieval_by_class(run_dir: str, data: DemoData) -> dict[str, Any]:
+    """Retrieval precision of a finished retrieve stage against the labels: the fraction of (seed, retrieved pool
+    image) pairs whose pool image has the *seed's* class (``precision``, and per seed class), the fraction of
+    distinct retrieved images whose label is one of the seed classes (``precision_any_seed_class``, the demo's
+    ``retrieval.precision``) and the number of distinct images retrieved."""
+    from curation.io.artifacts import retrieval_parts
+    from curation.io.fs import read_parquet
+
+    seed_label = seed_class_of(data)
+    hits: dict[int, list[bool]] = {CLASSES.index(c): [] for c in data.seed_classes}
+    retrieved: set[str] = set()
+    for url in retrieval_parts(run_dir):
+        t = read_parquet(url, columns=["seed_uid", "uid"])
+        for s, u in zip(t["seed_uid"].to_pylist(), t["uid"].to_pylist()):
+            c = seed_label.get(s)
+            if c is not None:
+                hits[c].append(data.labels.get(u, -1) == c)
+            retrieved.add(u)
+    allowed = set(hits)
+    pairs = [h for v in hits.values() for h in v]
+    any_class = [data.labels.get(u, -1) in allowed for u in retrieved]
+    return {
+        "precision": round(float(np.mean(pairs)), 4) if pairs else 0.0,
+        "per_class": {CLASSES[c]: round(float(np.mean(v)), 4) if v else None for c, v in hits.items()},
+        "precision_any_seed_class": round(float(np.mean(any_class)), 4) if any_class else 0.0,
+        "pairs": len(pairs),
+        "retrieved": len(retrieved),
+    }
+
+
+#: The stages the retrieval figures need (the demo's, less cluster, shard and report).
+RETRIEVAL_STAGES = ("ingest", "embed", "dedupe", "retrieve")
+
+
+def embedder_overrides(spec: str) -> list[str]:
+    """``--set`` overrides of the demo recipe for an embedder: ``descriptor`` (the recipe's), ``pixels`` (raw
+    pixels at 28 px, :mod:`curation.models.pixels`) or the path of a backbone export (``teacher.pth``,
+    ``backbone.pth`` with its ``.json`` sidecar), embedded at the export's own input size (its ``img_size``;
+    28 px, the items' size, for a ResNet)."""
+    if spec == "descriptor":
+        return ['embed.model="descriptor"']
+    if spec == "pixels":
+        return ['embed.model="plugin"', 'embed.factory="curation.models.pixels:pixel_embedder"',
+                "embed.image_size=28", 'embed.resize="square"']  # fmt: skip
+    sidecar = Path(spec + ".json")
+    if not sidecar.is_file():
+        raise ValueError(f"{spec}: not descriptor, pixels or a backbone export with its .json sidecar")
+    size = json.loads(sidecar.read_text()).get("config", {}).get("img_size") or 28  # ResNets: the items' 28 px
+    return ['embed.model="backbone"', 'embed.name="auto"', f"embed.weights={json.dumps(str(spec))}",
+            f"embed.image_size={size}", 'embed.resize="square"', 'embed.device="cpu"',
+            "embed.batch_size=256"]  # fmt: skip
+
+
+def curate_retrieval(data: DemoData, run_dir: str, executor: Any, *, overrides: Sequence[str] = (),
+                     stages: Sequence[str] = RETRIEVAL_STAGES, num_cpus: int = 2,
+                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Curate ``data``'s pool with ``recipes/demo.toml`` (+ ``overrides``) through ``stages`` into ``run_dir``
+    on ``executor``; return :func:`retrieval_by_class` plus images kept after dedupe and the wall time."""
+    from curation.cli import load_run_config
+    from curation.stages import run_stages
+
+    t0 = time.perf_counter()
+    config = load_run_config("demo", [
+        f"ingest.sources={json.dumps(data.pool_sources)}",
+        f'retrieve.seeds=[{{name="fashion", sources={json.dumps(data.seed_sources)}, method="knn", n_per_seed=4}}]',
+        f"ray.num_cpus={num_cpus}", f"seed={seed}", f"stages={json.dumps(list(stages))}",
+        *([] if "cluster" in stages else ["retrieve.include_balanced=false"]), *overrides,
+    ])  # fmt: skip
+    records = run_stages(config, run_dir, executor)
+    out = retrieval_by_class(run_dir, data)
+    out.update(kept_after_dedupe=records["dedupe"]["out"], embed_dim=records["embed"].get("dim"),
+               seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+    return out
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -2,8 +2,11 @@
 -> array, picklable, runs in decode workers), ``embed(batch) -> (n, dim)`` L2-normalised float32, and ``dim``.
 
 Kinds: ``descriptor`` (built-in, weight-free), ``backbone`` (``pretrain.models.build_backbone`` name + weights
-path/URL, official DINOv2 or dinoforge exports), ``torchscript`` (e.g. the SSCD descriptor) and ``plugin``
-(``package.module:function(cfg, device)`` returning such an object).
+path/URL, official DINOv2 or dinoforge exports; ``name = "auto"`` reads the architecture from the export's
+``<weights>.json`` sidecar, ``image_size = 0`` embeds at the backbone's own input size, e.g. 28 px for a
+Fashion-MNIST ``teacher.pth``), ``torchscript`` (e.g. the SSCD descriptor) and ``plugin``
+(``package.module:function(cfg, device)`` returning such an object; ``curation.models.pixels:pixel_embedder``
+is the raw-pixel baseline).
 """
 
 from __future__ import annotations
@@ -46,16 +49,23 @@ def build_embedder(cfg: EmbedConfig, device: str | None = None) -> Any:
         return factory(cfg, device)
     from curation.models.torch_embedder import ResizePreprocess, TorchEmbedder, load_torchscript
 
-    pre = ResizePreprocess(cfg.image_size, cfg.resize)
+    size = cfg.image_size
     if cfg.model == "torchscript":
+        if not size:
+            raise ValueError('embed.image_size = 0 (the model\'s own size) needs embed.model = "backbone"')
         model = load_torchscript(cfg.weights)
     else:
         from pretrain.models import build_backbone
 
-        model = build_backbone(cfg.name, weights=cfg.weights or None)
+        name = None if cfg.name == "auto" else cfg.name
+        if name is None and not cfg.weights:
+            raise ValueError('embed.name = "auto" reads the architecture from the <weights>.json sidecar: set '
+                             "embed.weights to an export")  # fmt: skip
+        model = build_backbone(name, weights=cfg.weights or None)
         if not cfg.weights:
             log.warning("embed.weights is empty: backbone %s has random weights", cfg.name)
         patch = getattr(model, "patch_size", 1)
-        if cfg.image_size % patch:
-            raise ValueError(f"embed.image_size={cfg.image_size} must be a multiple of the patch size {patch}")
-    return TorchEmbedder(model, pre, cfg.mean, cfg.std, device)
+        size = size or int(getattr(getattr(model, "cfg", None), "img_size", 0) or 224)
+        if size % patch:
+            raise ValueError(f"embed.image_size={size} must be a multiple of the patch size {patch}")
+    return TorchEmbedder(model, ResizePreprocess(size, cfg.resize), cfg.mean, cfg.std, device)
