@@ -42,8 +42,10 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from pretrain.eval.fashion_mnist import read_idx
 
-__all__ = ["CLASSES", "RETRIEVAL_STAGES", "DemoData", "curate_retrieval", "embedder_overrides", "format_summary",
-           "main", "nmi", "prepare_demo_data", "retrieval_by_class", "run_curation_demo", "seed_class_of"]
+__all__ = ["CLASSES", "DEMO_SEED_CLASSES", "HELD_OUT_CLASSES", "RETRIEVAL_STAGES", "DemoData", "bootstrap_retrieval",
+           "curate_retrieval", "demo_data", "embedder_overrides", "format_summary",
+           "main", "nmi", "prepare_demo_data", "retrieval_by_class", "run_curation_demo", "seed_class_of",
+           "write_seed_set"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,23 @@ def _broken_files(d: Path, photo: str | None) -> int:
     return len(files)
 
 
+def write_seed_set(seeds_dir: str | os.PathLike, seed_classes: Sequence[str], n_seeds: int,
+                   rng: np.random.Generator | int) -> np.ndarray:  # fmt: skip
+    """Write ``n_seeds`` Fashion-MNIST *test* images of ``seed_classes`` as ``seeds_dir/<class>/<index>.png``
+    (drawn with ``rng``, or a generator seeded with it); return the chosen test indices."""
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
+    xt = read_idx(f"{FASHION_MNIST}/t10k-images-idx3-ubyte.gz")
+    yt = read_idx(f"{FASHION_MNIST}/t10k-labels-idx1-ubyte.gz")
+    wanted = [CLASSES.index(c) for c in seed_classes]
+    candidates = np.flatnonzero(np.isin(yt, wanted))
+    chosen = np.sort(rng.choice(candidates, size=min(n_seeds, len(candidates)), replace=False))
+    for i in chosen.tolist():
+        d = Path(seeds_dir) / CLASSES[yt[i]]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:05d}.png").write_bytes(_png(Image.fromarray(xt[i])))
+    return chosen
+
+
 def prepare_demo_data(root: str | os.PathLike, *, pool_size: int = 6000, n_seeds: int = 300,
                       seed_classes: Sequence[str] = ("trouser", "bag", "ankle-boot"), copy_fraction: float = 0.03,
                       exact_duplicates: int = 20, tar_shards: int = 2, seed: int = 0) -> DemoData:  # fmt: skip
@@ -188,15 +207,7 @@ def prepare_demo_data(root: str | os.PathLike, *, pool_size: int = 6000, n_seeds
     for p in photos:
         (pool / "photos" / p.name).write_bytes(p.read_bytes())
     n_broken = _broken_files(pool / "broken", str(photos[0]) if photos else None)
-    xt = read_idx(f"{FASHION_MNIST}/t10k-images-idx3-ubyte.gz")
-    yt = read_idx(f"{FASHION_MNIST}/t10k-labels-idx1-ubyte.gz")
-    wanted = [CLASSES.index(c) for c in seed_classes]
-    candidates = np.flatnonzero(np.isin(yt, wanted))
-    chosen = np.sort(rng.choice(candidates, size=min(n_seeds, len(candidates)), replace=False))
-    for i in chosen.tolist():
-        d = seeds_dir / CLASSES[yt[i]]
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{i:05d}.png").write_bytes(_png(Image.fromarray(xt[i])))
+    chosen = write_seed_set(seeds_dir, seed_classes, n_seeds, rng)
     log.info("demo data in %s: %d fashion images (+%d exact duplicates, %d copies), %d photos, %d broken, "
              "%d seeds of %s", root, pool_size, len(dups), len(copy_pairs), len(photos), n_broken, len(chosen),
              list(seed_classes))  # fmt: skip
@@ -293,8 +304,9 @@ def _evaluate(run_dir: str, data: DemoData, records: dict[str, Any]) -> dict[str
 _DATA_CACHE: dict[str, tuple[str, DemoData]] = {}
 
 
-def _demo_data(root: Path, **kwargs: Any) -> DemoData:
+def demo_data(root: str | os.PathLike, **kwargs: Any) -> DemoData:
     """:func:`prepare_demo_data`, reused within this process when ``root`` was written with the same arguments."""
+    root = Path(root)
     key = json.dumps({k: list(v) if isinstance(v, (tuple, list)) else v for k, v in kwargs.items()}, sort_keys=True)
     hit = _DATA_CACHE.get(str(root.resolve()))
     if hit and hit[0] == key and root.is_dir():
@@ -329,7 +341,7 @@ def run_curation_demo(out_dir: str | os.PathLike, *, pool_size: int = 6000, n_se
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    data = _demo_data(out / "data", pool_size=pool_size, n_seeds=n_seeds, seed=seed, seed_classes=seed_classes)
+    data = demo_data(out / "data", pool_size=pool_size, n_seeds=n_seeds, seed=seed, seed_classes=seed_classes)
     seeds = json.dumps(data.seed_sources)
     config = load_run_config("demo", [
         f"ingest.sources={json.dumps(data.pool_sources)}",
@@ -366,11 +378,12 @@ def seed_class_of(data: DemoData) -> dict[str, int]:
     return out
 
 
-def retrieval_by_class(run_dir: str, data: DemoData) -> dict[str, Any]:
+def retrieval_by_class(run_dir: str, data: DemoData, seed_set: str | None = None) -> dict[str, Any]:
     """Retrieval precision of a finished retrieve stage against the labels: the fraction of (seed, retrieved pool
     image) pairs whose pool image has the *seed's* class (``precision``, and per seed class), the fraction of
     distinct retrieved images whose label is one of the seed classes (``precision_any_seed_class``, the demo's
-    ``retrieval.precision``) and the number of distinct images retrieved."""
+    ``retrieval.precision``) and the number of distinct images retrieved; only the pairs of ``seed_set`` when
+    given (its seeds must be ``data``'s)."""
     from curation.io.artifacts import retrieval_parts
     from curation.io.fs import read_parquet
 
@@ -378,8 +391,10 @@ def retrieval_by_class(run_dir: str, data: DemoData) -> dict[str, Any]:
     hits: dict[int, list[bool]] = {CLASSES.index(c): [] for c in data.seed_classes}
     retrieved: set[str] = set()
     for url in retrieval_parts(run_dir):
-        t = read_parquet(url, columns=["seed_uid", "uid"])
-        for s, u in zip(t["seed_uid"].to_pylist(), t["uid"].to_pylist()):
+        t = read_parquet(url, columns=["seed_set", "seed_uid", "uid"])
+        for name, s, u in zip(t["seed_set"].to_pylist(), t["seed_uid"].to_pylist(), t["uid"].to_pylist()):
+            if seed_set is not None and name != seed_set:
+                continue
             c = seed_label.get(s)
             if c is not None:
                 hits[c].append(data.labels.get(u, -1) == c)
@@ -419,26 +434,87 @@ def embedder_overrides(spec: str) -> list[str]:
             "embed.batch_size=256"]  # fmt: skip
 
 
+def _seed_sets(sets: dict[str, DemoData]) -> str:
+    return "retrieve.seeds=[" + ", ".join(
+        f'{{name="{name}", sources={json.dumps(d.seed_sources)}, method="knn", n_per_seed=4}}'
+        for name, d in sets.items()) + "]"  # fmt: skip
+
+
 def curate_retrieval(data: DemoData, run_dir: str, executor: Any, *, overrides: Sequence[str] = (),
-                     stages: Sequence[str] = RETRIEVAL_STAGES, num_cpus: int = 2,
-                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                     stages: Sequence[str] = RETRIEVAL_STAGES, num_cpus: int = 2, seed: int = 0,
+                     seed_sets: dict[str, DemoData] | None = None) -> dict[str, Any]:  # fmt: skip
     """Curate ``data``'s pool with ``recipes/demo.toml`` (+ ``overrides``) through ``stages`` into ``run_dir``
-    on ``executor``; return :func:`retrieval_by_class` plus images kept after dedupe and the wall time."""
+    on ``executor``; return :func:`retrieval_by_class` plus images kept after dedupe and the wall time.
+
+    ``seed_sets``: several seed sets of the same pool retrieved in one run (name -> data with those seeds; default:
+    ``data``'s seeds as the demo's ``fashion`` set); the figures are then under ``by_seed_set``. Stages already
+    finished in ``run_dir`` with the same settings are skipped (e.g. ingest of a copied run directory)."""
     from curation.cli import load_run_config
     from curation.stages import run_stages
 
     t0 = time.perf_counter()
+    sets = seed_sets or {"fashion": data}
     config = load_run_config("demo", [
-        f"ingest.sources={json.dumps(data.pool_sources)}",
-        f'retrieve.seeds=[{{name="fashion", sources={json.dumps(data.seed_sources)}, method="knn", n_per_seed=4}}]',
+        f"ingest.sources={json.dumps(data.pool_sources)}", _seed_sets(sets),
         f"ray.num_cpus={num_cpus}", f"seed={seed}", f"stages={json.dumps(list(stages))}",
         *([] if "cluster" in stages else ["retrieve.include_balanced=false"]), *overrides,
     ])  # fmt: skip
     records = run_stages(config, run_dir, executor)
-    out = retrieval_by_class(run_dir, data)
+    if seed_sets:
+        out: dict[str, Any] = {"by_seed_set": {n: retrieval_by_class(run_dir, d, n) for n, d in sets.items()}}
+    else:
+        out = retrieval_by_class(run_dir, data)
     out.update(kept_after_dedupe=records["dedupe"]["out"], embed_dim=records["embed"].get("dim"),
                seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     return out
+
+
+#: The demo's seed classes and the 7 it does not use.
+DEMO_SEED_CLASSES = ("trouser", "bag", "ankle-boot")
+HELD_OUT_CLASSES = tuple(c for c in CLASSES if c not in DEMO_SEED_CLASSES)
+
+
+#: Run-directory entries of the ingest stage, and of embed + dedupe (with the seed set's ingest and embed).
+_INGEST_OUTPUTS = ("config.toml", "manifest", "occurrences", "rejects")
+_EMBED_OUTPUTS = ("embeddings", "dedup", "decontam", "seeds")
+
+
+def bootstrap_retrieval(curation_run: str, data: DemoData, models: dict[str, str], out_dir: str | os.PathLike,
+                        executor: Any, *, held_out: Sequence[str] = HELD_OUT_CLASSES, n_seeds: int = 300,
+                        num_cpus: int = 2, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The bootstrap loop's last step: retrieval precision of the demo's curation run (``curation_run``, built-in
+    descriptor) and of each ``models`` export (name -> ``teacher.pth``) on the same pool, with the demo's seed
+    set (``data``) and a held-out seed set of ``held_out`` classes (``n_seeds`` test images, written once).
+
+    Each embedder works under ``out_dir/<name>`` on a copy of the ``curation_run`` outputs it does not change
+    (ingest; for the descriptor also embed, dedupe and the demo seed set), so only the rest reruns.
+    Returns ``{"descriptor": ..., name: ...}`` with :func:`curate_retrieval`'s figures per seed set (``demo``,
+    ``held-out``). The descriptor's figures use the same metric as the models' (pairs whose pool image has the
+    seed's class), so they can differ from the curation run's ``retrieval.precision`` (any seed class).
+    """
+    import shutil
+    from dataclasses import replace
+
+    out = Path(out_dir)
+    seeds_dir = out / "seeds-held-out"
+    if not seeds_dir.is_dir():
+        write_seed_set(seeds_dir, held_out, n_seeds, seed + 1)
+    held = replace(data, seed_sources=[str(seeds_dir)], seed_classes=list(held_out),
+                   seeds=sum(1 for _ in seeds_dir.rglob("*.png")))  # fmt: skip
+    sets = {"fashion": data, "held-out": held}  # "fashion": the curation run's seed set (reused as it is)
+    result: dict[str, Any] = {}
+    for name, spec in {"descriptor": "descriptor", **models}.items():
+        run_dir = out / name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        keep = _INGEST_OUTPUTS + (_EMBED_OUTPUTS if spec == "descriptor" else ())
+        shutil.copytree(curation_run, run_dir, ignore=lambda d, names, keep=keep: [  # outputs the embedder keeps
+            n for n in names if os.path.samefile(d, curation_run) and n not in keep])  # fmt: skip
+        res = curate_retrieval(data, str(run_dir), executor, overrides=embedder_overrides(spec), num_cpus=num_cpus,
+                               seed=seed, seed_sets=sets)  # fmt: skip
+        res["by_seed_set"] = {"demo" if k == "fashion" else k: v for k, v in res["by_seed_set"].items()}
+        result[name] = res
+    return result
 
 
 def format_summary(result: dict[str, Any]) -> str:

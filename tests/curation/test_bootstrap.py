@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,36 @@ def test_bench_end_to_end_on_a_tiny_pool(tmp_path):
     assert rows[0]["precision"] > 0.5
     table = bench.format_table(rows)
     assert "pixels" in table and "r/teacher.pth" in table and "sneaker" in table
+
+
+def test_demo_bootstrap_step_reuses_the_curation_run(tmp_path):
+    """``run_curation_demo(seed_classes=...)`` then the demo's last step: the same pool re-embedded with an export
+    (ingest copied, not rerun) and retrieved with the demo's and a held-out seed set."""
+    from curation.demo import bootstrap_retrieval, demo_data, run_curation_demo
+    from curation.stages import LocalExecutor
+    from pretrain.models import build_backbone, export_backbone
+
+    res = run_curation_demo(tmp_path / "c", pool_size=300, n_seeds=30, address="none",
+                            seed_classes=("trouser", "sneaker"), overrides=["cluster.target_size=100"])  # fmt: skip
+    assert res["data"]["seed_classes"] == ["trouser", "sneaker"]
+    assert {p.parent.name for p in (tmp_path / "c" / "data" / "seeds").rglob("*.png")} == {"trouser", "sneaker"}
+    data = demo_data(tmp_path / "c" / "data", pool_size=300, n_seeds=30, seed=0, seed_classes=("trouser", "sneaker"))
+    assert data.seed_classes == ["trouser", "sneaker"] and data.labels  # the run's data, reused
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "r" / "export" / "teacher.pth")
+    export_backbone(build_backbone("vit_mini", patch_size=4, img_size=28, init_values=0, depth=1), teacher)
+    boot = bootstrap_retrieval(res["run_dir"], data, {"teacher": teacher}, tmp_path / "b", LocalExecutor(),
+                               held_out=("sandal", "coat"), n_seeds=20)  # fmt: skip
+    assert set(boot) == {"descriptor", "teacher"}
+    for r in boot.values():
+        assert set(r["by_seed_set"]) == {"demo", "held-out"}
+        assert set(r["by_seed_set"]["held-out"]["per_class"]) == {"sandal", "coat"}
+        for s in r["by_seed_set"].values():
+            assert 0.0 <= s["precision"] <= 1.0 and s["retrieved"] > 0
+    assert boot["teacher"]["embed_dim"] == 96 and boot["descriptor"]["embed_dim"] == 5632
+    assert boot["descriptor"]["by_seed_set"]["demo"]["precision"] > 0.5  # trousers and sneakers: easy classes
+    # the descriptor reused the curation run's embeddings (only retrieve reran); the teacher reused its ingest
+    rec = json.loads((tmp_path / "b" / "descriptor" / "embeddings" / "_SUCCESS.json").read_text())
+    assert rec == json.loads((Path(res["run_dir"]) / "embeddings" / "_SUCCESS.json").read_text())
+    man = json.loads((tmp_path / "b" / "teacher" / "manifest" / "_SUCCESS.json").read_text())
+    assert man == json.loads((Path(res["run_dir"]) / "manifest" / "_SUCCESS.json").read_text())
