@@ -20,6 +20,12 @@ funnel, the dedup precision/recall against the injected copies, the retrieval pr
 pool images whose label is a seed class), the NMI of the level-1 and top-level clusters against the labels,
 and where the shards and the report are.
 ``python -m curation.demo OUT_DIR`` does the same from the command line.
+
+Curation with other embedders on the same pool (``bench/curation_bootstrap.py``, the end-to-end demo's last
+step): ``embedder_overrides`` (``descriptor``, ``pixels`` or a backbone export's path), ``curate_retrieval`` (ingest
+-> embed -> dedupe -> retrieve with one or several seed sets), ``retrieval_by_class`` (precision: retrieved pool
+images of the seed's class, per seed class) and ``bootstrap_retrieval`` (descriptor vs exported teacher on the
+demo's and a held-out seed set, reusing the curation run's ingest).
 """
 
 from __future__ import annotations
