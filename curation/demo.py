@@ -480,20 +480,26 @@ DEMO_SEED_CLASSES = ("trouser", "bag", "ankle-boot")
 HELD_OUT_CLASSES = tuple(c for c in CLASSES if c not in DEMO_SEED_CLASSES)
 
 
-#: Run-directory entries of the ingest stage, and of embed + dedupe (with the seed set's ingest and embed).
+#: Run-directory entries of the ingest stage, and of embed (with the seed set's ingest and embed).
 _INGEST_OUTPUTS = ("config.toml", "manifest", "occurrences", "rejects")
-_EMBED_OUTPUTS = ("embeddings", "dedup", "decontam", "seeds")
+_EMBED_OUTPUTS = ("embeddings", "seeds")
 
 
 def bootstrap_retrieval(curation_run: str, data: DemoData, models: dict[str, str], out_dir: str | os.PathLike,
                         executor: Any, *, held_out: Sequence[str] = HELD_OUT_CLASSES, n_seeds: int = 300,
-                        num_cpus: int = 2, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                        num_cpus: int = 2, seed: int = 0,
+                        dedupe_threshold: float | None = 1.0) -> dict[str, Any]:  # fmt: skip
     """The bootstrap loop's last step: retrieval precision of the demo's curation run (``curation_run``, built-in
     descriptor) and of each ``models`` export (name -> ``teacher.pth``) on the same pool, with the demo's seed
     set (``data``) and a held-out seed set of ``held_out`` classes (``n_seeds`` test images, written once).
 
     Each embedder works under ``out_dir/<name>`` on a copy of the ``curation_run`` outputs it does not change
-    (ingest; for the descriptor also embed, dedupe and the demo seed set), so only the rest reruns.
+    (ingest; for the descriptor also embed and the demo seed set), so only the rest reruns.
+
+    ``dedupe_threshold``: the copy threshold of every embedder here (``None``: the recipe's 0.96). The default 1.0
+    removes no near-duplicates, so every embedder retrieves from the same pool (all unique images): the recipe's
+    0.96 is tuned for the descriptor (it removes 192 of 6192 demo images), while a freshly pretrained teacher
+    scores most pool pairs above it (a 50-step teacher kept 63 images), which would measure dedupe, not retrieval.
     Returns ``{"descriptor": ..., name: ...}`` with :func:`curate_retrieval`'s figures per seed set (``demo``,
     ``held-out``). The descriptor's figures use the same metric as the models' (pairs whose pool image has the
     seed's class), so they can differ from the curation run's ``retrieval.precision`` (any seed class).
@@ -516,8 +522,9 @@ def bootstrap_retrieval(curation_run: str, data: DemoData, models: dict[str, str
         keep = _INGEST_OUTPUTS + (_EMBED_OUTPUTS if spec == "descriptor" else ())
         shutil.copytree(curation_run, run_dir, ignore=lambda d, names, keep=keep: [  # outputs the embedder keeps
             n for n in names if os.path.samefile(d, curation_run) and n not in keep])  # fmt: skip
-        res = curate_retrieval(data, str(run_dir), executor, overrides=embedder_overrides(spec), num_cpus=num_cpus,
-                               seed=seed, seed_sets=sets)  # fmt: skip
+        dd = [] if dedupe_threshold is None else [f"dedupe.threshold={dedupe_threshold}"]
+        res = curate_retrieval(data, str(run_dir), executor, overrides=[*embedder_overrides(spec), *dd],
+                               num_cpus=num_cpus, seed=seed, seed_sets=sets)  # fmt: skip
         res["by_seed_set"] = {"demo" if k == "fashion" else k: v for k, v in res["by_seed_set"].items()}
         result[name] = res
     return result
