@@ -34,7 +34,7 @@ from pretrain.data.masking import MaskingConfig
 from pretrain.optim import ScheduleValues, build_optimizer
 from pretrain.parallel.ema import ema_update_
 
-__all__ = ["METHODS", "LossOutput", "Method", "Part", "Views", "get_method", "register_method"]
+__all__ = ["METHODS", "LossOutput", "Method", "Part", "Views", "get_method", "register_method", "vit_decay_groups"]
 
 LossOutput = tuple[torch.Tensor, dict[str, Any]]
 """``(loss, out)``: the loss to back-propagate and ``out["losses"]`` (detached parts, ``"total"`` included) plus
@@ -221,3 +221,19 @@ def get_method(name: str) -> type[Method]:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"method {name!r} is unknown; known: {', '.join(sorted(METHODS))}") from None
+
+
+VIT_NO_DECAY_TOKENS = ("pos_embed", "cls_token", "register_tokens", "mask_token")
+
+
+def vit_decay_groups(module: nn.Module, no_decay_names: tuple[str, ...] = VIT_NO_DECAY_TOKENS) -> list[dict[str, Any]]:
+    """Two optimizer groups of ``module``'s trainable parameters: weight decay on matrices; none on biases, norms,
+    LayerScale and the parameters whose last name is in ``no_decay_names`` (positions and tokens)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in no_decay_names
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": False},
+            {"params": no_decay, "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False}]

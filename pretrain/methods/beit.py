@@ -46,7 +46,7 @@ from pretrain.checkpoint import full_state_dict
 from pretrain.config import DataConfig, TrainConfig
 from pretrain.data.augment import MultiCropConfig
 from pretrain.data.masking import block_mask
-from pretrain.methods.base import LossOutput, Method, Part, Views, register_method
+from pretrain.methods.base import LossOutput, Method, Part, Views, register_method, vit_decay_groups
 from pretrain.methods.dinov2 import export_backbone_with_config
 from pretrain.methods.vqtok import code_perplexity, load_tokenizer
 from pretrain.models import ViTConfig
@@ -58,7 +58,6 @@ __all__ = ["BEiTArch", "BEiTConfig", "BEiTMethod", "BEiTSection", "beit_masks"]
 
 logger = logging.getLogger("pretrain")
 
-_NO_DECAY_TOKENS = ("pos_embed", "cls_token", "register_tokens", "mask_token")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -186,14 +185,7 @@ class BEiTMethod(Method):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Two groups: weight decay on matrices; none on biases, norms, LayerScale, positions and tokens."""
-        decay, no_decay = [], []
-        for name, p in self.arch.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in _NO_DECAY_TOKENS
-            (no_decay if skip else decay).append(p)
-        return [{"params": decay, "lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": False},
-                {"params": no_decay, "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False}]
+        return vit_decay_groups(self.arch)
 
     def clip_modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.arch.backbone, "head": self.arch.head}
